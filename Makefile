@@ -1,0 +1,64 @@
+# Entry points. The first target that needs Python builds .venv from requirements.lock
+# (hashed, via uv) and re-syncs it whenever the lock changes. Needs only python3.11, make, git.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := .tools/bin/uv
+SYNCED := $(VENV)/.synced
+export DVC_NO_ANALYTICS := 1
+export PYTHONHASHSEED := 0
+export UV_COMPILE_BYTECODE := 1
+
+.PHONY: help env repro table2 test test-all notebooks bench lab lock clean-venv
+
+help:
+	@echo "make repro      run the DVC pipeline (default profile: mini, CPU)"
+	@echo "make test       run the default test suite"
+	@echo "make table2     render results/tables/table2.{md,csv,tex} from stored metrics"
+	@echo "make notebooks  execute the analysis notebooks headless (papermill)"
+	@echo "make bench      speed/memory benchmarks -> results/bench/"
+	@echo "make lab        start JupyterLab"
+	@echo "make lock       re-compile requirements.lock from requirements.in"
+
+$(UV): requirements-tools.lock
+	$(PYTHON) -m venv .tools
+	.tools/bin/pip install --quiet --isolated --disable-pip-version-check --require-hashes -r requirements-tools.lock
+	@touch $(UV)
+
+$(SYNCED): requirements.lock | $(UV)
+	@[ -x $(PY) ] || $(UV) venv $(VENV) --python $(PYTHON) --seed --quiet
+	$(UV) pip sync --quiet --python $(PY) --require-hashes requirements.lock
+	@touch $(SYNCED)
+
+env: $(SYNCED)
+
+repro: $(SYNCED)
+	$(VENV)/bin/dvc repro
+
+table2: $(SYNCED)
+	$(PY) -m reproduce.tables
+
+test: $(SYNCED)
+	$(PY) -m pytest -q
+
+test-all: $(SYNCED)
+	$(PY) -m pytest -q -m "slow or not slow"
+
+notebooks: $(SYNCED)
+	$(PY) -m reproduce.notebooks
+
+bench: $(SYNCED)
+	$(PY) -m reproduce.bench
+
+lab: $(SYNCED)
+	$(VENV)/bin/jupyter lab --allow-root --no-browser
+
+lock: $(UV)
+	$(UV) pip compile requirements.in -o requirements.lock --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --generate-hashes --quiet
+	$(UV) pip compile requirements-tools.in -o requirements-tools.lock --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --generate-hashes --quiet
+
+clean-venv:
+	rm -rf $(VENV) .tools

@@ -1,0 +1,61 @@
+"""Reading params.yaml: safe YAML, dotted overrides, and a clear error for a missing key."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A params file or override that cannot be used; the message names the key."""
+
+
+def load_params(path: str | Path = PARAMS_FILE, overrides: list[str] | None = None) -> dict:
+    """Load ``params.yaml`` with ``yaml.safe_load`` and apply ``key.sub=value`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found (run from the repository root)")
+    with path.open() as f:
+        params = yaml.safe_load(f) or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        set_dotted(params, key, yaml.safe_load(value))
+    return params
+
+
+def get_dotted(params: dict, key: str) -> Any:
+    node: Any = params
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"params: missing key {key!r}")
+        node = node[part]
+    return node
+
+
+def set_dotted(params: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = params
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a mapping")
+    node[parts[-1]] = value
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """Return ``base`` updated recursively by ``update`` (neither input is modified)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
