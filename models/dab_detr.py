@@ -1,0 +1,68 @@
+"""DAB-DETR (Liu et al., ICLR 2022): single-scale DETR whose queries are 4-D anchor boxes.
+
+Read top to bottom: C5 features -> 1x1 projection -> DETR encoder (standard attention) ->
+decoder queries = learned anchors (cx, cy, w, h) with zero content, refined layer by layer;
+positional queries come from the anchors' sine embeddings (ConditionalDecoder).
+Extra query groups (denoising, target-aware) are decoded in the same pass behind a mask.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .backbone import Backbone
+from .detr_base import DETRBase
+from .outputs import DetectorOutput, QueryGroup
+from .query_groups import contrastive_denoising_group
+from .transformer import ConditionalDecoder, StandardEncoder
+
+
+class DABDETR(DETRBase):
+    def __init__(self, backbone: Backbone, num_classes: int, d_model: int = 256, n_heads: int = 8,
+                 enc_layers: int = 6, dec_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.0,
+                 num_queries: int = 300, random_refpoints_xy: bool = False, modulate_hw_attn: bool = True,
+                 denoising: bool = False, num_dn_queries: int = 100, label_noise_ratio: float = 0.5,
+                 box_noise_scale: float = 0.4, **unused):
+        super().__init__(backbone, d_model, num_feature_levels=1, num_classes=num_classes)
+        self.num_queries = num_queries
+        self.encoder = StandardEncoder(d_model, n_heads, dim_feedforward, dropout, enc_layers)
+        self.decoder = ConditionalDecoder(d_model, n_heads, dim_feedforward, dropout, dec_layers, num_classes,
+                                          modulate_hw_attn)
+        # learned anchors, stored in inverse-sigmoid space
+        self.refpoint_embed = nn.Embedding(num_queries, 4)
+        if random_refpoints_xy:   # DAB-DETR's option: uniform, frozen centres
+            self.refpoint_embed.weight.data[:, :2].uniform_(0, 1)
+            self.refpoint_embed.weight.data[:, :2] = torch.logit(self.refpoint_embed.weight.data[:, :2], eps=1e-5)
+            self.refpoint_embed.weight.data[:, :2].requires_grad = False
+        # denoising is not part of DAB-DETR; DN-DETR added it to the same architecture (optional)
+        self.denoising = denoising
+        self.dn_cfg = dict(num_dn_queries=num_dn_queries, label_noise_ratio=label_noise_ratio,
+                           box_noise_scale=box_noise_scale)
+        self.label_enc = nn.Embedding(num_classes + 1, d_model) if denoising else None
+
+    def forward(self, images: Tensor, pad_mask: Tensor, targets: list[dict] | None = None,
+                groups: list[QueryGroup] | None = None, return_attention: bool = False) -> DetectorOutput:
+        features, masks, positions = self.embed_inputs(images, pad_mask)
+        src, mask, pos, shapes, starts, ratios = self.flatten_levels(features, masks, positions)
+        memory = self.encoder(src, pos, mask)
+
+        batch = images.shape[0]
+        content = memory.new_zeros(batch, self.num_queries, self.d_model)
+        anchors = self.refpoint_embed.weight.sigmoid()[None].expand(batch, -1, -1)
+        groups = list(groups or [])
+        if self.denoising and self.training and targets is not None:
+            dn = contrastive_denoising_group(targets, self.label_enc, self.num_classes, **self.dn_cfg)
+            if dn is not None:
+                groups.insert(0, dn)
+        queries, boxes, attn_mask = self.join_queries(content, anchors, groups)
+        dec = self.decoder(queries, boxes, memory, pos, mask, attn_mask, return_attention)
+        logits, boxes, states, refs, group_out = self.split_outputs(
+            self.num_queries, groups, dec["logits"], dec["boxes"], dec["states"], dec["references"], dec["attention"])
+        if self.label_enc is not None:
+            logits = logits + 0.0 * self.label_enc.weight.sum()   # keep it in the graph for DDP
+        return DetectorOutput(
+            layer_logits=logits, layer_boxes=boxes, layer_states=states, layer_references=refs,
+            memory=memory, memory_pos=pos, memory_padding_mask=mask, spatial_shapes=shapes,
+            level_start_index=starts, valid_ratios=ratios, features=features, groups=group_out,
+            cross_attention=dec["attention"],
+        )

@@ -1,0 +1,126 @@
+"""What the three detectors share: backbone + input projections, level flattening, query groups.
+
+Each detector (dab_detr.py, deformable_detr.py, dino.py) adds its encoder, its way of making
+the detection queries, and its decoder; the bookkeeping of extra query groups lives here once.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .backbone import Backbone
+from .box_ops import inverse_sigmoid
+from .outputs import GroupOutput, QueryGroup
+from .position_encoding import sine_position_embedding
+from .query_groups import decoder_self_attn_mask
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, channels), channels)
+
+
+class DETRBase(nn.Module):
+    """Backbone, per-level 1x1 projections to d_model (plus stride-2 extra levels), positions."""
+
+    def __init__(self, backbone: Backbone, d_model: int, num_feature_levels: int, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.d_model, self.num_classes = d_model, num_classes
+        self.num_feature_levels = num_feature_levels
+        projections = []
+        for ch in backbone.channels[:num_feature_levels]:
+            projections.append(nn.Sequential(nn.Conv2d(ch, d_model, 1), group_norm(d_model)))
+        in_ch = backbone.channels[-1]
+        for _ in range(num_feature_levels - len(backbone.channels)):
+            projections.append(nn.Sequential(nn.Conv2d(in_ch, d_model, 3, 2, 1), group_norm(d_model)))
+            in_ch = d_model
+        self.input_proj = nn.ModuleList(projections)
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.zeros_(proj[0].bias)
+        self.level_embed = nn.Parameter(torch.zeros(num_feature_levels, d_model)) if num_feature_levels > 1 else None
+        if self.level_embed is not None:
+            nn.init.normal_(self.level_embed)
+
+    # -- inputs ------------------------------------------------------------------------------
+    def embed_inputs(self, images: Tensor, pad_mask: Tensor):
+        """Projected features, padding masks and positional embeddings, one per level."""
+        backbone_out = self.backbone(images, pad_mask)
+        features, masks = [], []
+        for proj, (feat, mask) in zip(self.input_proj, backbone_out):
+            features.append(proj(feat))
+            masks.append(mask)
+        last = backbone_out[-1][0]
+        for proj in self.input_proj[len(backbone_out):]:
+            last = proj(last)
+            features.append(last)
+            masks.append(nn.functional.interpolate(pad_mask[None].float(), size=last.shape[-2:])[0].bool())
+        positions = [sine_position_embedding(m, self.d_model // 2).to(f.dtype) for f, m in zip(features, masks)]
+        return features, masks, positions
+
+    def flatten_levels(self, features, masks, positions):
+        """[B,S,D] tokens of all levels, with the bookkeeping every consumer of the memory needs."""
+        spatial_shapes = [tuple(f.shape[-2:]) for f in features]
+        level_start_index, start = [], 0
+        for h, w in spatial_shapes:
+            level_start_index.append(start)
+            start += h * w
+        src = torch.cat([f.flatten(2).transpose(1, 2) for f in features], 1)
+        mask = torch.cat([m.flatten(1) for m in masks], 1)
+        pos = [p.flatten(2).transpose(1, 2) for p in positions]
+        if self.level_embed is not None:
+            pos = [p + self.level_embed[i].to(p.dtype) for i, p in enumerate(pos)]
+        pos = torch.cat(pos, 1)
+        valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], 1)
+        return src, mask, pos, spatial_shapes, level_start_index, valid_ratios
+
+    @staticmethod
+    def valid_ratio(mask: Tensor) -> Tensor:
+        """Fraction (w, h) of a level's grid covered by the image rather than padding."""
+        _, h, w = mask.shape
+        valid_h = (~mask[:, :, 0]).sum(1).float()
+        valid_w = (~mask[:, 0, :]).sum(1).float()
+        return torch.stack([valid_w / w, valid_h / h], -1)
+
+    # -- query groups ------------------------------------------------------------------------
+    @staticmethod
+    def join_queries(content: Tensor, boxes: Tensor, groups: list[QueryGroup]):
+        """Concatenate detection queries and groups along the query axis, and build the mask."""
+        batch, num_det = content.shape[:2]
+        if not groups:
+            return content, boxes, None
+        for g in groups:
+            if g.content.shape[0] != batch or g.content.shape[-1] != content.shape[-1]:
+                raise ValueError(f"query group {g.name!r}: content {tuple(g.content.shape)} does not fit "
+                                 f"batch {batch} x d_model {content.shape[-1]}")
+        mask = decoder_self_attn_mask(num_det, groups, batch, content.device)
+        content = torch.cat([content] + [g.content.to(content.dtype) for g in groups], 1)
+        boxes = torch.cat([boxes] + [g.boxes.to(boxes.dtype) for g in groups], 1)
+        return content, boxes, mask
+
+    @staticmethod
+    def split_outputs(num_det: int, groups: list[QueryGroup], logits, boxes, states, references, attention):
+        """Slice the decoder's per-layer outputs back into detection queries and each group."""
+        group_outputs = {}
+        start = num_det
+        for g in groups:
+            sl = slice(start, start + g.num_queries)
+            attn = None
+            if attention is not None:
+                attn = [{k: v[:, sl] for k, v in layer.items()} for layer in attention]
+            group_outputs[g.name] = GroupOutput(logits[:, :, sl], boxes[:, :, sl], states[:, :, sl],
+                                                references[:, :, sl], g, attn)
+            start += g.num_queries
+        det = slice(0, num_det)
+        return (logits[:, :, det], boxes[:, :, det], states[:, :, det], references[:, :, det],
+                group_outputs)
+
+    def label_embedding_for_groups(self) -> nn.Embedding | None:
+        """The model's own class embedding for GT-derived queries, if it has one (denoising)."""
+        return getattr(self, "label_enc", None)
+
+
+def refine_boxes(delta: Tensor, reference: Tensor) -> Tensor:
+    """Iterative box refinement: the head predicts a correction in inverse-sigmoid space."""
+    return (delta + inverse_sigmoid(reference)).sigmoid()
+
