@@ -1,0 +1,14 @@
+"""Knowledge distillation for DETRs: CLoCKDistill and the baseline methods behind one interface."""
+from .base import Distiller, freeze
+
+METHODS: dict[str, type[Distiller]] = {"student": Distiller}
+
+
+def build_distiller(method: str, student, criterion, teacher=None, cfg: dict | None = None) -> Distiller:
+    """``Distiller(teacher, student, method_cfg)`` for a method name (see METHODS)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown distillation method {method!r}; choose from {sorted(METHODS)}")
+    return METHODS[method](student, criterion, teacher=teacher, cfg=cfg)
+
+
+__all__ = ["Distiller", "METHODS", "build_distiller", "freeze"]

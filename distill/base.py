@@ -1,0 +1,93 @@
+"""The one interface every training run goes through: ``loss_dict = distiller(images, pad_mask, targets)``.
+
+A ``Distiller`` owns the trainable student, its detection criterion and the method's KD heads
+(adapters). The frozen teacher is held *outside* the module tree (mmrazor's separation, made
+structural): it is not in ``parameters()``, ``state_dict()``, the optimiser, DDP or the
+student's checkpoints, it stays in eval mode whatever ``.train()`` is called on, and it runs
+under ``no_grad``. Plain training (``method: student``) is a Distiller without a teacher.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from models.criterion import SetCriterion
+from models.outputs import DetectorOutput, QueryGroup
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class Distiller(nn.Module):
+    """No distillation: the student and its detection loss. Methods override ``distill_losses``
+    (and ``extra_groups`` when they inject queries into both decoders)."""
+
+    name = "student"
+    needs_teacher = False
+
+    def __init__(self, student: nn.Module, criterion: SetCriterion, teacher: nn.Module | None = None,
+                 cfg: dict | None = None):
+        super().__init__()
+        self.student = student
+        self.criterion = criterion
+        self.cfg = dict(cfg or {})
+        self.weights: dict[str, float] = {}     # KD loss name -> weight, filled by subclasses
+        if self.needs_teacher and teacher is None:
+            raise ValueError(f"method {self.name!r} needs a teacher checkpoint (--teacher)")
+        object.__setattr__(self, "teacher", freeze(teacher) if teacher is not None else None)
+
+    # -- the frozen teacher ------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()            # BN, dropout and denoising stay off, always
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(device) / .half() reach the teacher too, although it is not a submodule
+        super()._apply(fn, *args, **kwargs)
+        if getattr(self, "teacher", None) is not None:
+            self.teacher._apply(fn, *args, **kwargs)
+        return self
+
+    @torch.no_grad()
+    def teacher_forward(self, images: Tensor, pad_mask: Tensor, groups: list[QueryGroup] | None = None,
+                        **kwargs) -> DetectorOutput:
+        self.teacher.eval()
+        return self.teacher(images, pad_mask, groups=groups, **kwargs)
+
+    # -- training step -----------------------------------------------------------------------
+    def extra_groups(self, targets: list[dict], images: Tensor) -> list[QueryGroup]:
+        """Query groups fed identically to teacher and student (none without distillation)."""
+        return []
+
+    def distill_losses(self, student_out: DetectorOutput, images: Tensor, pad_mask: Tensor,
+                       targets: list[dict], groups: list[QueryGroup]) -> dict[str, Tensor]:
+        return {}
+
+    def forward(self, images: Tensor, pad_mask: Tensor, targets: list[dict]) -> dict[str, Tensor]:
+        groups = self.extra_groups(targets, images)
+        student_out = self.student(images, pad_mask, targets, groups=groups or None)
+        losses = self.criterion(student_out, targets)
+        losses.update(self.distill_losses(student_out, images, pad_mask, targets, groups))
+        return losses
+
+    def total(self, losses: dict[str, Tensor]) -> Tensor:
+        """Weighted sum: detection losses with the criterion's weights, KD losses with the method's."""
+        det = {k: v for k, v in losses.items() if k not in self.weights}
+        total = self.criterion.total(det)
+        for key, weight in self.weights.items():
+            if key in losses:
+                total = total + weight * losses[key]
+        return total
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def kd_state_dict(self) -> dict:
+        """KD heads only (adapters etc.), for resuming a distillation run."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(("student.", "criterion."))}
