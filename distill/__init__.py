@@ -1,7 +1,8 @@
 """Knowledge distillation for DETRs: CLoCKDistill and the baseline methods behind one interface."""
 from .base import Distiller, freeze
+from .clockdistill import CLoCKDistill
 
-METHODS: dict[str, type[Distiller]] = {"student": Distiller}
+METHODS: dict[str, type[Distiller]] = {"student": Distiller, "clockdistill": CLoCKDistill}
 
 
 def build_distiller(method: str, student, criterion, teacher=None, cfg: dict | None = None) -> Distiller:
@@ -11,4 +12,4 @@ def build_distiller(method: str, student, criterion, teacher=None, cfg: dict | N
     return METHODS[method](student, criterion, teacher=teacher, cfg=cfg)
 
 
-__all__ = ["Distiller", "METHODS", "build_distiller", "freeze"]
+__all__ = ["CLoCKDistill", "Distiller", "METHODS", "build_distiller", "freeze"]

@@ -16,7 +16,9 @@ from .query_groups import decoder_self_attn_mask
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, channels), channels)
+    """GroupNorm with 32 groups (Deformable DETR), or the largest divisor below for odd widths."""
+    groups = max(g for g in range(1, 33) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
 
 
 class DETRBase(nn.Module):

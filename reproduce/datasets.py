@@ -33,6 +33,10 @@ __all__ = ["DetectionDataset", "collate", "load_image"]
 class DetectionDataset(Dataset):
     """Images and targets of one prepared split (``data/prepared/<dataset>/<split>.json``).
 
+    ``image_root`` defaults to the JSON's ``info.image_root`` (the raw root given to prepare);
+    a relative root is resolved against the working directory, i.e. the repository root from
+    which every entry point runs.
+
     Annotations are indexed once into per-image numpy arrays: with ``DataLoader`` workers, a
     list of small arrays is shared copy-on-write, whereas touching hundreds of thousands of
     Python dicts would slowly copy the whole COCO annotation list into every worker.

@@ -271,7 +271,8 @@ def _plan_from_imagesets(raw: Path, sets: Path) -> dict[str, SplitPlan]:
             continue
         display = f"ImageSets/{split}.txt"
         frames = [(i, f"{display}:{n}") for i, n in read_imageset(path, display)]
-        root = "testing" if split == "test" and (raw / "testing" / "image_2").is_dir() else "training"
+        official_test = split == "test" and (raw / "testing" / "image_2").is_dir()
+        root = "testing" if official_test else "training"
         label_dir = f"{root}/label_2"
         if root == "testing" and not (raw / label_dir).is_dir():
             label_dir = None
@@ -465,6 +466,9 @@ def validate_coco(data: Any, display: str) -> tuple[dict[int, dict], dict[int, d
     images = _index_unique(data["images"], f"{display}: images",
                            ("id", "file_name", "width", "height"))
     for image_id, image in images.items():
+        if not isinstance(image["file_name"], str) or not image["file_name"]:
+            raise PrepareError(f"{display}: image id {image_id}: file_name must be a non-empty "
+                               f"string")
         if not (_is_int(image["width"]) and _is_int(image["height"])
                 and image["width"] > 0 and image["height"] > 0):
             raise PrepareError(f"{display}: image id {image_id}: width/height must be positive "

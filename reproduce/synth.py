@@ -211,28 +211,36 @@ class Frame:
 TYRE, GLASS, TAIL, HEAD = (22, 22, 24), (45, 60, 75), (200, 20, 25), (250, 240, 200)
 
 
-def draw_wheel(cv, cx, cy, r):
-    cv.ellipse(cx, cy, r, r, fill=TYRE)
-    if r > 1.2:
-        cv.ellipse(cx, cy, 0.45 * r, 0.45 * r, fill=(140, 140, 145))
+def draw_wheel(cv, cx, cy, rx, ry):
+    cv.ellipse(cx, cy, rx, ry, fill=TYRE)
+    if ry > 1.2:
+        cv.ellipse(cx, cy, 0.45 * rx, 0.45 * ry, fill=(140, 140, 145))
 
 
-def draw_vehicle_side(cv, kind, box, facing_right, body, extra):
-    """Side view of a Car / Van / Truck (front towards ``facing_right``)."""
+def draw_vehicle_side(cv, kind, box, facing_right, body, extra, rear_joined=False):
+    """Side view of a Car / Van / Truck (front towards ``facing_right``).
+
+    ``rear_joined``: the rear face is drawn next to this one (3/4 view), so the car's cabin
+    runs straight up at the rear instead of sloping (otherwise it reads as two cars).
+    """
     fr = Frame(*box, facing_right)
     dark = shade(body, 0.6)
     if kind == "Car":
-        r = min(0.21 * fr.h, 0.13 * fr.w)
-        cv.poly(fr.pts([(0.06, 0.44), (0.22, 0.02), (0.60, 0.0), (0.78, 0.44)]), shade(body, 0.9))
+        r, rx = 0.21 * fr.h, min(0.21 * fr.h, 0.13 * fr.w)
+        back = ((0.0, 0.44), (0.0, 0.03)) if rear_joined else ((0.06, 0.44), (0.22, 0.02))
+        cv.poly(fr.pts([*back, (0.60, 0.0), (0.78, 0.44)]), shade(body, 0.9))
         cv.poly(fr.pts([(0.0, 0.40), (0.76, 0.42), (1.0, 0.54), (1.0, 0.84), (0.0, 0.84)]), body)
-        cv.poly(fr.pts([(0.12, 0.42), (0.25, 0.08), (0.40, 0.07), (0.40, 0.42)]), GLASS)
-        cv.poly(fr.pts([(0.44, 0.42), (0.44, 0.07), (0.58, 0.07), (0.72, 0.42)]), GLASS)
+        if rear_joined:                          # one long side window, no sloping back
+            cv.poly(fr.pts([(0.04, 0.42), (0.04, 0.10), (0.58, 0.07), (0.72, 0.42)]), GLASS)
+        else:
+            cv.poly(fr.pts([(0.12, 0.42), (0.25, 0.08), (0.40, 0.07), (0.40, 0.42)]), GLASS)
+            cv.poly(fr.pts([(0.44, 0.42), (0.44, 0.07), (0.58, 0.07), (0.72, 0.42)]), GLASS)
         fr.rect(cv, 0.1, 0.80, 0.9, 0.88, dark)
         fr.rect(cv, 0.94, 0.52, 1.0, 0.62, HEAD)
         fr.rect(cv, 0.0, 0.45, 0.04, 0.56, TAIL)
         wheels = (0.2, 0.8)
     elif kind == "Van":
-        r = min(0.16 * fr.h, 0.10 * fr.w)
+        r, rx = 0.16 * fr.h, min(0.16 * fr.h, 0.10 * fr.w)
         cv.poly(fr.pts([(0.0, 0.04), (0.80, 0.02), (0.97, 0.42), (1.0, 0.5), (1.0, 0.86),
                         (0.0, 0.86)]), body)
         cv.poly(fr.pts([(0.80, 0.07), (0.94, 0.40), (0.78, 0.40)]), GLASS)
@@ -244,7 +252,7 @@ def draw_vehicle_side(cv, kind, box, facing_right, body, extra):
         fr.rect(cv, 0.0, 0.48, 0.03, 0.66, TAIL)
         wheels = (0.18, 0.82)
     else:  # Truck: cargo box + cab
-        r = min(0.13 * fr.h, 0.06 * fr.w)
+        r, rx = 0.13 * fr.h, min(0.13 * fr.h, 0.06 * fr.w)
         cargo = (235, 235, 230) if extra < 0.5 else jitter_cargo(extra)
         fr.rect(cv, 0.0, 0.0, 0.75, 0.78, cargo)
         fr.rect(cv, 0.0, 0.74, 0.75, 0.78, shade(cargo, 0.7))
@@ -253,7 +261,7 @@ def draw_vehicle_side(cv, kind, box, facing_right, body, extra):
         fr.rect(cv, 0.0, 0.78, 1.0, 0.87, (40, 40, 42))
         wheels = (0.12, 0.25, 0.87)
     for fx in wheels:
-        draw_wheel(cv, fr.x(fx), fr.y(1.0) - r, r)
+        draw_wheel(cv, fr.x(fx), fr.y(1.0) - r, rx, r)
 
 
 def jitter_cargo(extra):
@@ -331,7 +339,8 @@ def draw_vehicle(cv, obj):
         split = x2 - frac_end * (x2 - x1) if end_right else x1 + frac_end * (x2 - x1)
         side_box = (x1, y1, split, y2) if end_right else (split, y1, x2, y2)
         end_box = (split, y1, x2, y2) if end_right else (x1, y1, split, y2)
-        draw_vehicle_side(cv, kind, side_box, facing_right, shade(obj.colour, 0.85), obj.extra)
+        draw_vehicle_side(cv, kind, side_box, facing_right, shade(obj.colour, 0.72), obj.extra,
+                          rear_joined=not front)
         draw_vehicle_end(cv, kind, end_box, front, obj.colour, obj.extra)
 
 
@@ -465,7 +474,7 @@ class Knobs:
 
     @classmethod
     def from_difficulty(cls, d: float) -> "Knobs":
-        return cls(n_labelled=2.6 + 2.4 * d, n_distractors=0.25 + 0.65 * d,
+        return cls(n_labelled=3.0 + 2.8 * d, n_distractors=0.25 + 0.65 * d,
                    p_far=min(0.85, 0.2 + 0.25 * d), far_max=40.0 + 20.0 * d,
                    p_group=min(0.7, 0.1 + 0.25 * d), p_keep_occluded=min(1.0, 0.25 + 0.6 * d),
                    n_clutter=3.0 + 5.0 * d, n_patches=1.0 + 3.0 * d, n_dontcare=0.3 + 0.6 * d,
@@ -628,7 +637,7 @@ class Scene:
         k, rng = self.k, self.rng
         if rng.random() < k.p_far:
             return rng.uniform(22.0, k.far_max)
-        return rng.uniform(6.5, 22.0)
+        return rng.uniform(5.5, 22.0)
 
     def propose(self, kind: str, ref: Obj | None) -> Obj:
         """A 3-D placement for ``kind``: lane, heading and depth from KITTI-like road use."""

@@ -124,7 +124,9 @@ def _clamp_and_keep(boxes: tv_tensors.BoundingBoxes,
     return xyxy, (width > min_size) & (height > min_size)
 
 
-def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+def collate(
+    batch: list[tuple[torch.Tensor, dict]],
+) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     """Stack a batch of differently sized images: ``(images, pad_mask, targets)``.
 
     Images are zero-padded at the bottom/right to the batch's largest height and width (zero is

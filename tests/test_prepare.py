@@ -299,7 +299,8 @@ def test_coco_sample(coco_out: dict[str, dict], coco_raw: Path) -> None:
         assert data["categories"] == originals[split]["categories"]  # original ids 1..90
         assert max(c["id"] for c in data["categories"]) == 90
         orig = originals[split]
-        assert sorted(im["id"] for im in data["images"]) == sorted(im["id"] for im in orig["images"])
+        assert sorted(im["id"] for im in data["images"]) == \
+            sorted(im["id"] for im in orig["images"])
         assert len(data["annotations"]) == len(orig["annotations"])
         assert all("segmentation" not in a for a in data["annotations"])
         assert all(a["ignore"] == a["iscrowd"] for a in data["annotations"])
