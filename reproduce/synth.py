@@ -501,8 +501,9 @@ class Scene:
         rng, H, W = self.rng, self.H * SS, self.W * SS
         hz = int(round(self.cam.cy * SS))
         overcast = rng.random() < 0.35
-        top = np.array((170, 175, 180) if overcast else (90, 140, 215), float) + rng.uniform(-15, 15, 3)
-        low = np.array((215, 215, 215) if overcast else (200, 220, 240), float) + rng.uniform(-15, 15, 3)
+        top = np.array((170, 175, 180) if overcast else (90, 140, 215), float)
+        low = np.array((215, 215, 215) if overcast else (200, 220, 240), float)
+        top, low = top + rng.uniform(-15, 15, 3), low + rng.uniform(-15, 15, 3)
         ground = np.array([(95, 120, 65), (130, 115, 90), (120, 120, 115)][rng.integers(3)], float)
         arr = np.empty((H, W, 3), np.float32)
         a = np.linspace(0, 1, max(hz, 1))[:, None]
@@ -535,8 +536,9 @@ class Scene:
         while t < 130:
             length = rng.uniform(8, 25)
             if rng.random() < 0.75:
+                colour = jitter(rng, BUILDING_COLOURS[rng.integers(len(BUILDING_COLOURS))])
                 blocks.append((t, t + length, side * rng.uniform(WALK, WALK + 5),
-                               rng.uniform(5, 18), jitter(rng, BUILDING_COLOURS[rng.integers(len(BUILDING_COLOURS))])))
+                               rng.uniform(5, 18), colour))
             t += length + (rng.uniform(2, 10) if rng.random() < 0.3 else 0)
         for t0, t1, sb, hb, col in reversed(blocks):          # far to near
             cv.poly(cam.poly([(sb, 0, t0), (sb, hb, t0), (sb + side * 12, hb, t0),
@@ -567,8 +569,8 @@ class Scene:
                 s0, ds, dt = rng.uniform(-CURB, CURB - 1), rng.uniform(1, 4), rng.uniform(2, 10)
             else:                                                   # shadow across the road
                 s0, ds, dt = -CURB, 2 * CURB * rng.uniform(0.3, 1), rng.uniform(0.8, 3)
-            self.ground_quad(s0, min(CURB, s0 + ds), t0, t0 + dt,
-                             shade(self.road, rng.uniform(0.45, 0.8) if rng.random() < 0.7 else 1.2))
+            k = rng.uniform(0.45, 0.8) if rng.random() < 0.7 else 1.2     # mostly darker
+            self.ground_quad(s0, min(CURB, s0 + ds), t0, t0 + dt, shade(self.road, k))
         paint = (235, 235, 225)
         for s in (-EDGE, EDGE):
             self.ground_quad(s - 0.08, s + 0.08, 2, 300, paint)
@@ -610,7 +612,8 @@ class Scene:
                 top = cam.project(s, hp, t)
                 arm = cam.project(s - side * 1.5, hp, t)
                 cv.line([base, top, arm], (70, 72, 75), 0.15 * px)
-                cv.rect(arm[0] - 0.3 * px, arm[1], arm[0] + 0.3 * px, arm[1] + 0.2 * px, (230, 230, 210))
+                cv.rect(arm[0] - 0.3 * px, arm[1], arm[0] + 0.3 * px, arm[1] + 0.2 * px,
+                        (230, 230, 210))
             elif kind == 2:                                         # traffic sign
                 top = cam.project(s, 2.3, t)
                 cv.line([base, top], (120, 120, 125), 0.1 * px)
@@ -622,11 +625,12 @@ class Scene:
                 elif shape == 1:
                     cv.rect(top[0] - r, top[1] - 2 * r, top[0] + r, top[1], (30, 70, 170))
                 else:
-                    cv.poly([(top[0] - r, top[1]), (top[0] + r, top[1]), (top[0], top[1] - 1.8 * r)],
-                            (230, 200, 40))
+                    cv.poly([(top[0] - r, top[1]), (top[0] + r, top[1]),
+                             (top[0], top[1] - 1.8 * r)], (230, 200, 40))
             elif kind == 3:                                         # bollard / hydrant
                 top = cam.project(s, rng.uniform(0.6, 1.1), t)
-                cv.line([base, top], jitter(rng, (60, 60, 60) if u < 0.6 else (190, 40, 30)), 0.2 * px)
+                colour = (60, 60, 60) if u < 0.6 else (190, 40, 30)
+                cv.line([base, top], jitter(rng, colour), 0.2 * px)
             else:                                                   # bush
                 cv.ellipse(base[0], base[1] - 0.4 * px, rng.uniform(0.8, 1.6) * px, 0.6 * px,
                            fill=jitter(rng, (45, 85, 40), 15))
@@ -650,7 +654,10 @@ class Scene:
                 s, ry = rng.uniform(-EDGE, EDGE), crossing
             else:
                 s = rng.choice((-1, 1)) * rng.uniform(CURB + 0.3, WALK - 0.4)
-                ry = (away, toward)[rng.integers(2)] if rng.random() < 0.7 else rng.uniform(-math.pi, math.pi)
+                if rng.random() < 0.7:
+                    ry = (away, toward)[rng.integers(2)]
+                else:
+                    ry = rng.uniform(-math.pi, math.pi)
         elif kind == "Cyclist":
             if u < 0.15:
                 s, ry = rng.uniform(-EDGE, EDGE), crossing
@@ -861,8 +868,10 @@ def validate(*, seed, num_train, num_val, num_test, width, height, difficulty, w
         (num_train + num_val + num_test > 0 if all(isinstance(n, int) for n in
                                                  (num_train, num_val, num_test)) else True,
          "at least one image is needed"),
-        (isinstance(width, int) and 64 <= width <= 4096, f"width must be in [64, 4096], got {width!r}"),
-        (isinstance(height, int) and 32 <= height <= 4096, f"height must be in [32, 4096], got {height!r}"),
+        (isinstance(width, int) and 64 <= width <= 4096,
+         f"width must be in [64, 4096], got {width!r}"),
+        (isinstance(height, int) and 32 <= height <= 4096,
+         f"height must be in [32, 4096], got {height!r}"),
         (isinstance(difficulty, (int, float)) and 0.0 <= difficulty <= 4.0,
          f"difficulty must be in [0, 4], got {difficulty!r}"),
         (isinstance(workers, int) and workers >= 1, f"workers must be >= 1, got {workers!r}"),

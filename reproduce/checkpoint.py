@@ -1,0 +1,188 @@
+"""Checkpoints that survive a kill at any moment and resume a run bit for bit.
+
+A training checkpoint (``<out>/checkpoint.pth``) holds everything the next step depends on:
+student weights, the distiller's KD heads, optimiser, LR scheduler, AMP grad scaler, EMA, the
+step/epoch/batch position in the data, every RNG (torch CPU and CUDA, numpy, Python's
+``random``, per rank), counters and the run config. It never holds the teacher: the teacher is
+not in the distiller's module tree, and :func:`training_state` asserts no ``teacher`` key slipped
+in. Everything is stored as tensors or plain Python types so ``torch.load(weights_only=True)``
+reads it (no pickled code is executed when loading someone else's checkpoint).
+
+Writes are atomic: a temp file in the same directory, flushed and fsynced, then ``os.replace``
+(atomic on POSIX) and a directory fsync. A crash mid-write leaves the previous checkpoint intact.
+
+The final model (``<out>/model.pth``) is ``{"model": student state_dict, "meta": {...}}``; with
+EMA enabled the state_dict is the EMA weights. :func:`load_model_state` reads that, a training
+checkpoint (EMA preferred) or a bare state_dict.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_NAME = "checkpoint.pth"
+MODEL_NAME = "model.pth"
+FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------- atomic I/O
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temp file next to ``path``, fsync, then ``os.replace`` into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    return torch.load(Path(path), map_location=map_location, weights_only=True)
+
+
+# ---------------------------------------------------------------------------- RNG states
+
+def rng_state() -> dict:
+    """Every global RNG of this process, as tensors and plain types (weights_only-safe)."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(np_state[0]), "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": int(py_version), "internal": list(py_internal), "gauss": py_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = [s.cpu() for s in state["cuda"]]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def _cpu(obj: Any) -> Any:
+    """Tensors to CPU, recursively (checkpoints load on any device)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def training_state(*, student: torch.nn.Module, kd_state: dict, optimizer, scheduler, scaler=None,
+                   ema=None, step: int, epoch: int, batch_in_epoch: int, rng_states: list[dict],
+                   loader_generator: torch.Generator | None = None, counters: dict | None = None,
+                   config: dict | None = None) -> dict:
+    """The checkpoint dict (see the module docstring); ``rng_states`` has one entry per rank."""
+    ckpt = {
+        "format": FORMAT_VERSION,
+        "model": _cpu(student.state_dict()),
+        "kd": _cpu(dict(kd_state)),
+        "optimizer": _cpu(optimizer.state_dict()),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "ema": ema.state_dict() if ema is not None else None,
+        "step": int(step),
+        "epoch": int(epoch),
+        "batch_in_epoch": int(batch_in_epoch),
+        "rng": rng_states,
+        "loader_generator": loader_generator.get_state() if loader_generator is not None else None,
+        "counters": dict(counters or {}),
+        "config": config or {},
+    }
+    bad = [k for k in list(ckpt["model"]) + list(ckpt["kd"]) if k.split(".")[0] == "teacher"]
+    if bad:
+        raise RuntimeError(f"teacher weights must never be checkpointed; found {bad[:3]}")
+    return ckpt
+
+
+def save_checkpoint(ckpt: dict, out_dir: str | Path, name: str = CHECKPOINT_NAME) -> Path:
+    return atomic_save(ckpt, Path(out_dir) / name)
+
+
+def find_resume(out_dir: str | Path, mode: str = "auto") -> Path | None:
+    """``<out>/checkpoint.pth`` when ``mode == "auto"`` and it exists; None for ``never``;
+    any other value is a path that must exist."""
+    if mode == "never":
+        return None
+    if mode == "auto":
+        path = Path(out_dir) / CHECKPOINT_NAME
+        return path if path.is_file() else None
+    path = Path(mode)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {mode}: no such checkpoint")
+    return path
+
+
+def save_model(state_dict: dict, path: str | Path, meta: dict | None = None) -> Path:
+    """The final student weights (``{"model": ..., "meta": ...}``), atomically."""
+    bad = [k for k in state_dict if k.split(".")[0] == "teacher"]
+    if bad:
+        raise RuntimeError(f"teacher weights in a student model file: {bad[:3]}")
+    return atomic_save({"model": _cpu(state_dict), "meta": meta or {}}, path)
+
+
+def load_model_state(path: str | Path, prefer_ema: bool = True) -> tuple[dict, dict]:
+    """``(state_dict, meta)`` of a model file, a training checkpoint (its EMA weights when
+    present and ``prefer_ema``) or a bare state_dict; loaded with ``weights_only=True``."""
+    obj = load(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: not a checkpoint (got {type(obj).__name__})")
+    if "model" in obj and isinstance(obj["model"], dict):
+        meta = dict(obj.get("meta") or {})
+        if "config" in obj:
+            meta.setdefault("config", obj["config"])
+            meta.setdefault("steps", obj.get("step"))
+        ema = obj.get("ema")
+        if prefer_ema and isinstance(ema, dict) and ema.get("model"):
+            return ema["model"], {**meta, "ema": True}
+        return obj["model"], meta
+    if all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, {}
+    raise ValueError(f"{path}: no model weights found (keys {sorted(obj)[:5]})")
