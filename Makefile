@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 UV := .tools/bin/uv
 SYNCED := $(VENV)/.synced
 export DVC_NO_ANALYTICS := 1
+# dvc stages call `python`: make it the locked environment's
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONHASHSEED := 0
 export UV_COMPILE_BYTECODE := 1
 
