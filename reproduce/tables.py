@@ -1,0 +1,143 @@
+"""Table 2 and the ablation table from stored metrics: ``python -m reproduce.tables``.
+
+Reads every metrics JSON under ``results/<profile>/<detector>/`` (written by
+``reproduce.evaluate``), groups runs by (detector, method), and writes mean ± std over seeds
+with ΔAP over the no-distillation student, to ``results/tables/{table2,ablation}.{md,csv,tex}``.
+The "paper" column comes only from ``results/paper/reported.yaml`` (transcribed values).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import yaml
+
+METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+MAIN_ORDER = ["teacher", "student", "fitnet", "fgd", "mgd", "kd_detr", "detrdistill", "clockdistill"]
+DETECTOR_NAMES = {"dab_detr": "DAB-DETR", "deformable_detr": "Deformable DETR", "dino": "DINO"}
+DASH = "—"
+
+
+def load_runs(results_dir: Path) -> list[dict]:
+    runs = []
+    for path in sorted(results_dir.glob("*/*.json")):
+        with path.open() as f:
+            data = json.load(f)
+        if "AP" not in data:
+            continue
+        data.setdefault("detector", path.parent.name)
+        if data.get("role") == "teacher":
+            data["method"] = "teacher"
+        data.setdefault("method", path.stem.split("-")[0])
+        data["_path"] = str(path)
+        runs.append(data)
+    return runs
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(values: list[float], scale: float = 100.0) -> str:
+    if not values:
+        return DASH
+    mean, std = mean_std([v * scale for v in values])
+    return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def paper_cell(reported: dict, method: str) -> str:
+    for claim in reported.get("claims", []):
+        if claim.get("applies_to") == method:
+            return f"+{claim['delta_ap_min']} to +{claim['delta_ap_max']} (abstract)"
+    return DASH
+
+
+def build_rows(runs: list[dict], reported: dict, order: list[str], key: str = "method") -> list[dict]:
+    rows = []
+    for detector in [d for d in DETECTOR_NAMES if any(r["detector"] == d for r in runs)]:
+        det_runs = [r for r in runs if r["detector"] == detector]
+        student = [r["AP"] for r in det_runs if r[key] == "student"] if key == "method" else []
+        names = [m for m in order if any(r[key] == m for r in det_runs)]
+        names += sorted({r[key] for r in det_runs} - set(names))
+        for name in names:
+            group = [r for r in det_runs if r[key] == name]
+            row = {"detector": DETECTOR_NAMES[detector], key: name, "seeds": len(group)}
+            for m in METRICS:
+                row[m] = fmt([r[m] for r in group if r.get(m) is not None and r[m] >= 0])
+            if student and name not in ("student", "teacher"):
+                row["ΔAP"] = f"{(mean_std([r['AP'] for r in group])[0] - mean_std(student)[0]) * 100:+.1f}"
+            else:
+                row["ΔAP"] = DASH
+            row["paper ΔAP"] = paper_cell(reported, name) if key == "method" else DASH
+            rows.append(row)
+    return rows
+
+
+def to_markdown(rows: list[dict], title: str) -> str:
+    if not rows:
+        return f"## {title}\n\n(no stored metrics yet: run `make repro`)\n"
+    cols = list(rows[0])
+    lines = [f"## {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    quote = lambda s: f'"{s}"' if "," in str(s) else str(s)  # noqa: E731
+    return "\n".join([",".join(cols)] + [",".join(quote(r[c]) for c in cols) for r in rows]) + "\n"
+
+
+def to_latex(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    esc = lambda s: str(s).replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("_", r"\_").replace("—", "--")  # noqa: E731
+    lines = [r"\begin{tabular}{" + "l" * 2 + "r" * (len(cols) - 2) + "}", r"\toprule",
+             " & ".join(esc(c) for c in cols) + r" \\", r"\midrule"]
+    lines += [" & ".join(esc(r[c]) for c in cols) + r" \\" for r in rows]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(rows: list[dict], out_dir: Path, name: str, title: str) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = to_markdown(rows, title)
+    for suffix, text in (("md", md), ("csv", to_csv(rows)), ("tex", to_latex(rows))):
+        tmp = out_dir / f".{name}.{suffix}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out_dir / f"{name}.{suffix}")
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reproduce.tables", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default=None)
+    parser.add_argument("--results", default="results")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    with open(args.params) as f:
+        params = yaml.safe_load(f)
+    profile = args.profile or params["profile"]
+    results = Path(args.results)
+    with (results / "paper" / "reported.yaml").open() as f:
+        reported = yaml.safe_load(f) or {}
+    runs = load_runs(results / profile)
+    main_runs = [r for r in runs if not r.get("ablation")]
+    ablation_runs = [dict(r, variant=r["ablation"]) for r in runs if r.get("ablation")]
+    out = results / "tables"
+    print(write_table(build_rows(main_runs, reported, MAIN_ORDER), out, "table2",
+                      f"Table 2 ({profile} profile): COCO AP x100, mean ± std over seeds"))
+    print(write_table(build_rows(ablation_runs, reported, [], key="variant"), out, "ablation",
+                      f"Ablations ({profile} profile): COCO AP x100"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
