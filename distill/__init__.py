@@ -1,8 +1,9 @@
 """Knowledge distillation for DETRs: CLoCKDistill and the baseline methods behind one interface."""
 from .base import Distiller, freeze
 from .clockdistill import CLoCKDistill
+from .registry_baselines import BASELINES
 
-METHODS: dict[str, type[Distiller]] = {"student": Distiller, "clockdistill": CLoCKDistill}
+METHODS: dict[str, type[Distiller]] = {"student": Distiller, **BASELINES, "clockdistill": CLoCKDistill}
 
 
 def build_distiller(method: str, student, criterion, teacher=None, cfg: dict | None = None) -> Distiller:
