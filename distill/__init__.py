@@ -1,9 +1,22 @@
 """Knowledge distillation for DETRs: CLoCKDistill and the baseline methods behind one interface."""
 from .base import Distiller, freeze
 from .clockdistill import CLoCKDistill
-from .registry_baselines import BASELINES
+from .detrdistill import DETRDistill
+from .fgd import FGD
+from .fitnet import FitNet
+from .kd_detr import KDDETR
+from .mgd import MGD
 
-METHODS: dict[str, type[Distiller]] = {"student": Distiller, **BASELINES, "clockdistill": CLoCKDistill}
+# "student" is plain training: the Distiller without a teacher
+METHODS: dict[str, type[Distiller]] = {
+    "student": Distiller,
+    "fitnet": FitNet,
+    "fgd": FGD,
+    "mgd": MGD,
+    "kd_detr": KDDETR,
+    "detrdistill": DETRDistill,
+    "clockdistill": CLoCKDistill,
+}
 
 
 def build_distiller(method: str, student, criterion, teacher=None, cfg: dict | None = None) -> Distiller:
@@ -13,4 +26,5 @@ def build_distiller(method: str, student, criterion, teacher=None, cfg: dict | N
     return METHODS[method](student, criterion, teacher=teacher, cfg=cfg)
 
 
-__all__ = ["CLoCKDistill", "Distiller", "METHODS", "build_distiller", "freeze"]
+__all__ = ["METHODS", "CLoCKDistill", "DETRDistill", "Distiller", "FGD", "FitNet", "KDDETR", "MGD",
+           "build_distiller", "freeze"]
