@@ -15,7 +15,9 @@ import torch
 
 from distill.fgd import gt_masks
 from distill.kd_detr import layer_pairs
-from distill.registry_baselines import BASELINES
+from distill import METHODS as ALL_METHODS
+
+BASELINES = {k: v for k, v in ALL_METHODS.items() if k not in ("student", "clockdistill")}
 from models.build import build_criterion, build_detector, detector_config
 
 torch.set_num_threads(1)
