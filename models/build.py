@@ -35,7 +35,9 @@ SIZES: dict[str, dict[str, dict]] = {
                  "num_feature_levels": 4, "enc_points": 4, "dec_points": 4},
     },
     "mini": {
-        "dab_detr": {"backbone": {**_SLIM_MINI, "levels": [5]}, "d_model": 64, "n_heads": 4, "enc_layers": 1,
+        # DAB-DETR reads one level; at 128 px image height C5 has 4 rows, so the CPU sizes read
+        # C4 (stride 16), like DAB-DETR's DC5 variant
+        "dab_detr": {"backbone": {**_SLIM_MINI, "levels": [4]}, "d_model": 64, "n_heads": 4, "enc_layers": 1,
                      "dec_layers": 2, "dim_feedforward": 128, "num_queries": 30},
         "deformable_detr": {"backbone": {**_SLIM_MINI, "levels": [4, 5]}, "d_model": 64, "n_heads": 4,
                             "enc_layers": 1, "dec_layers": 2, "dim_feedforward": 128, "num_queries": 30,
@@ -45,7 +47,7 @@ SIZES: dict[str, dict[str, dict]] = {
                  "enc_points": 2, "dec_points": 2, "num_dn_queries": 30},
     },
     "tiny": {
-        "dab_detr": {"backbone": {**_SLIM_TINY, "levels": [5]}, "d_model": 32, "n_heads": 2, "enc_layers": 1,
+        "dab_detr": {"backbone": {**_SLIM_TINY, "levels": [4]}, "d_model": 32, "n_heads": 2, "enc_layers": 1,
                      "dec_layers": 2, "dim_feedforward": 64, "num_queries": 12},
         "deformable_detr": {"backbone": {**_SLIM_TINY, "levels": [4, 5]}, "d_model": 32, "n_heads": 2,
                             "enc_layers": 1, "dec_layers": 2, "dim_feedforward": 64, "num_queries": 12,

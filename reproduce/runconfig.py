@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,17 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 
 
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
+
+
+def parse_value(text: str) -> Any:
+    """A YAML value, except that ``1e-3`` is a float (YAML 1.1 wants ``1.0e-3``)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and _FLOAT.match(value.strip()):
+        return float(value)
+    return value
+
+
 def apply_overrides(params: dict, overrides: list[str] | dict | None, profile: str | None = None) -> dict:
     """A copy of ``params`` with ``key.sub=value`` overrides (a list of strings, YAML values)
     or a ``{dotted key: value}`` dict applied. Keys starting with a profile key (``train.``,
@@ -45,7 +57,7 @@ def apply_overrides(params: dict, overrides: list[str] | dict | None, profile: s
             key, sep, value = item.partition("=")
             if not sep:
                 raise ConfigError(f"override {item!r}: expected key.sub=value")
-            items.append((key.strip(), yaml.safe_load(value)))
+            items.append((key.strip(), parse_value(value)))
     # the profile itself may be overridden; apply that first
     for key, value in items:
         if key == "profile":
@@ -109,7 +121,8 @@ def resolve_run(params: dict, detector: str, role: str, method: str = "student",
     dataset = prof.get("dataset")
     if not dataset:
         raise ConfigError(f"profile {profile!r}: missing key 'dataset'")
-    prepared = Path((params.get("data") or {}).get("prepared", "data/prepared")) / dataset
+    # prepared data is per profile (dvc.yaml: data/prepared/${profile}), not per dataset
+    prepared = Path((params.get("data") or {}).get("prepared", "data/prepared")) / profile
     data = {split: str(prepared / f"{split}.json") for split in SPLITS}
 
     train = {**TRAIN_DEFAULTS, **(prof.get("train") or {})}

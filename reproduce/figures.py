@@ -1,0 +1,205 @@
+"""Figures from pipeline outputs: ``python -m reproduce.figures [--profile P]``.
+
+Reads trained runs (``runs/<profile>/<detector>/<run>/model.pth``, ``train_log.csv``) and
+stored metrics (``results/<profile>/``); never trains. The notebooks call the same functions.
+Writes ``results/figures/*.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from distill.location_mask import memory_masks  # noqa: E402
+from distill.target_queries import TargetQueryGenerator  # noqa: E402
+from models import build_detector  # noqa: E402
+from reproduce.checkpoint import load_model_state  # noqa: E402
+
+MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+# two-sided 95% Student t quantiles by degrees of freedom
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def run_dir(profile: str, detector: str, run: str) -> Path:
+    return Path("runs") / profile / detector / run
+
+
+def load_run_model(profile: str, detector: str, run: str, num_classes: int):
+    """The trained model of a run (EMA weights if any) in eval mode, or None if not trained."""
+    path = run_dir(profile, detector, run) / "model.pth"
+    if not path.is_file():
+        return None
+    state, meta = load_model_state(path)
+    model = build_detector(meta["config"]["model"], num_classes)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def denormalise(image: torch.Tensor) -> torch.Tensor:
+    return (image * STD + MEAN).clamp(0, 1).permute(1, 2, 0)
+
+
+def level_norms(out, level: int) -> torch.Tensor:
+    """Per-cell L2 norm of the memory on one level, [B,H,W]."""
+    (h, w), start = out.spatial_shapes[level], out.level_start_index[level]
+    return out.memory[:, start:start + h * w].norm(dim=-1).view(-1, h, w)
+
+
+@torch.no_grad()
+def plot_memory_maps(models: dict, images, pad_mask, targets, index: int = 0, path: str | Path | None = None):
+    """Rows: memory levels. Columns: image + GT, GT location mask, then each model's memory norm."""
+    outs = {name: m(images, pad_mask) for name, m in models.items()}
+    first = next(iter(outs.values()))
+    masks = memory_masks(targets, first.memory_padding_mask, first.spatial_shapes, first.level_start_index,
+                         first.valid_ratios)
+    levels = first.num_levels
+    cols = 2 + len(outs)
+    fig, axes = plt.subplots(levels, cols, figsize=(3.2 * cols, 1.4 * levels + 0.6), squeeze=False)
+    img = denormalise(images[index])
+    h_img, w_img = img.shape[:2]
+    for lvl in range(levels):
+        ax = axes[lvl, 0]
+        ax.imshow(img)
+        for cx, cy, w, h in targets[index]["boxes"].tolist():
+            ax.add_patch(plt.Rectangle(((cx - w / 2) * w_img, (cy - h / 2) * h_img), w * w_img, h * h_img,
+                                       fill=False, color="lime", lw=1))
+        ax.set_title(f"level {lvl} {first.spatial_shapes[lvl]}", fontsize=8)
+        axes[lvl, 1].imshow(masks[lvl][0][index], cmap="gray", vmin=0, vmax=1)
+        axes[lvl, 1].set_title("GT location mask", fontsize=8)
+        for c, (name, out) in enumerate(outs.items(), start=2):
+            axes[lvl, c].imshow(level_norms(out, lvl)[index], cmap="magma")
+            axes[lvl, c].set_title(f"{name}: |memory|", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+@torch.no_grad()
+def plot_target_query_attention(models: dict, images, pad_mask, targets, index: int = 0, layer: int = -1,
+                                path: str | Path | None = None):
+    """Where each model's decoder looks for the target-aware queries of one image.
+
+    Deformable detectors: sampling locations (all heads, levels, points) sized by weight;
+    DAB-DETR: the dense cross-attention map averaged over heads and queries."""
+    generator = TargetQueryGenerator(next(iter(models.values())).num_classes)
+    plan = generator.plan(targets, images.device)
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 2.0), squeeze=False)
+    img = denormalise(images[index])
+    h_img, w_img = img.shape[:2]
+    for ax, (name, model) in zip(axes[0], models.items()):
+        out = model(images, pad_mask, groups=[generator.group_for(model, plan)], return_attention=True)
+        group = out.groups["target"]
+        valid = group.group.valid[index]
+        attn = group.cross_attention[layer]
+        ax.imshow(img)
+        if "sampling_locations" in attn:
+            loc = attn["sampling_locations"][index][valid]       # [n,H,L,P,2], in each level's valid area
+            wgt = attn["attention_weights"][index][valid]
+            ax.scatter(loc[..., 0].flatten() * w_img, loc[..., 1].flatten() * h_img, s=60 * wgt.flatten(),
+                       c=wgt.flatten(), cmap="autumn", alpha=0.7)
+        else:
+            weights = attn["attention_weights"][index][valid].mean((0, 1))     # [S]
+            h, w = out.spatial_shapes[0]
+            ax.imshow(weights.view(h, w), cmap="magma", alpha=0.55, extent=(0, w_img, h_img, 0))
+        for cx, cy, w, h in targets[index]["boxes"].tolist():
+            ax.add_patch(plt.Rectangle(((cx - w / 2) * w_img, (cy - h / 2) * h_img), w * w_img, h * h_img,
+                                       fill=False, color="cyan", lw=1))
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def read_train_log(path: Path) -> list[dict]:
+    with path.open() as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def plot_training_curves(profile: str, detector: str, runs: list[str], key: str = "loss", path=None):
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for run in runs:
+        log = run_dir(profile, detector, run) / "train_log.csv"
+        if log.is_file():
+            rows = read_train_log(log)
+            ax.plot([r["step"] for r in rows], [r.get(key, math.nan) for r in rows], label=run)
+    ax.set_xlabel("step"), ax.set_ylabel(key), ax.set_title(f"{detector}: {key}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def gains_with_ci(results_dir: Path) -> list[dict]:
+    """ΔAP of every method over the student of the same detector and seed, mean and 95% CI."""
+    runs = [json.loads(p.read_text()) | {"_file": p.stem} for p in sorted(results_dir.glob("*/*.json"))]
+    rows = []
+    for detector in sorted({r["detector"] for r in runs if "detector" in r}):
+        det = [r for r in runs if r.get("detector") == detector and not r.get("ablation")]
+        student = {r.get("seed"): r["AP"] for r in det if r.get("method") == "student" and r.get("role") != "teacher"}
+        for method in sorted({r.get("method") for r in det} - {"student", None}):
+            deltas = [(r["AP"] - student[r.get("seed")]) * 100 for r in det
+                      if r.get("method") == method and r.get("role") != "teacher" and r.get("seed") in student]
+            if not deltas:
+                continue
+            mean = statistics.fmean(deltas)
+            half = T95.get(len(deltas) - 1, 1.96) * statistics.stdev(deltas) / math.sqrt(len(deltas)) \
+                if len(deltas) > 1 else math.nan
+            rows.append({"detector": detector, "method": method, "n": len(deltas), "delta": mean,
+                         "ci_low": mean - half, "ci_high": mean + half})
+    return rows
+
+
+def plot_gains(rows: list[dict], path=None):
+    fig, ax = plt.subplots(figsize=(7, 0.35 * max(len(rows), 4) + 1))
+    labels = [f"{r['detector']} / {r['method']}" for r in rows]
+    y = range(len(rows))
+    ax.barh(list(y), [r["delta"] for r in rows], color=["C3" if r["method"] == "clockdistill" else "C0" for r in rows])
+    for i, r in enumerate(rows):
+        if not math.isnan(r["ci_low"]):
+            ax.plot([r["ci_low"], r["ci_high"]], [i, i], color="k", lw=1)
+    ax.axvline(0, color="gray", lw=0.8)
+    ax.set_yticks(list(y), labels, fontsize=7)
+    ax.set_xlabel("ΔAP over the no-KD student (points, mean and 95% CI over seeds)")
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reproduce.figures", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="mini")
+    parser.add_argument("--out", default="results/figures")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = gains_with_ci(Path("results") / args.profile)
+    if rows:
+        plot_gains(rows, out / f"gains_{args.profile}.png")
+    for detector in ("dab_detr", "deformable_detr", "dino"):
+        plot_training_curves(args.profile, detector, ["teacher", "student", "clockdistill"],
+                             path=out / f"curves_{args.profile}_{detector}.png")
+    plt.close("all")
+    print(f"figures written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
