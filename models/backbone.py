@@ -33,7 +33,8 @@ class FrozenBatchNorm2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         bias = self.bias - self.running_mean * scale
-        return x * scale[None, :, None, None] + bias[None, :, None, None]
+        # one fused pass over the activation instead of a multiply and an add
+        return torch.addcmul(bias[None, :, None, None], x, scale[None, :, None, None])
 
 
 def freeze_batch_norm(module: nn.Module) -> nn.Module:

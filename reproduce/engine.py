@@ -311,6 +311,7 @@ class MetricWindow:
 
     def reset(self) -> None:
         self.sums: dict[str, Tensor | float] = {}
+        self.counts: dict[str, int] = {}
         self.steps = 0
         self.skipped = 0
         self.started = time.perf_counter()
@@ -320,6 +321,7 @@ class MetricWindow:
         for k, v in values.items():
             v = v.detach().float() if isinstance(v, Tensor) else float(v)
             self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] = self.counts.get(k, 0) + 1
 
 
 class CSVLog:

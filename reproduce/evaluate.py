@@ -1,0 +1,258 @@
+"""COCO-style evaluation of a trained detector with pycocotools.
+
+Usage::
+
+    python -m reproduce.evaluate --checkpoint runs/mini/dino/student/model.pth --detector dino
+        [--role student] [--split val] [--out results/mini/dino/student.json]
+        [--detections results/mini/dino/student_detections.json] [-S key=value ...]
+
+Post-processing is Deformable DETR's (``PostProcess``): sigmoid scores of all (query, class)
+pairs, the top 100 pairs per image (a query may yield several classes), boxes scaled from the
+normalised, *unpadded* resized image to the original image size. Detections are written in
+the COCO results format with the original image and category ids, so the prepared JSON scores
+them as is. Metrics are fractions in [0, 1]; a metric COCO leaves undefined (-1: no ground
+truth of that area range or class) is reported as ``null``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from models.box_ops import box_cxcywh_to_xyxy
+from reproduce.config import ConfigError, load_params
+
+MAX_DETS = 100
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+# ---------------------------------------------------------------------------- post-processing
+
+@torch.no_grad()
+def postprocess(logits: Tensor, boxes: Tensor, orig_sizes: Tensor, k: int = MAX_DETS):
+    """Top-k (query, class) pairs per image. logits [B,Q,K], boxes [B,Q,4] normalised cxcywh,
+    orig_sizes [B,2] (h, w). Returns per image (scores [k], labels [k], boxes [k,4] xyxy pixels)."""
+    batch, queries, classes = logits.shape
+    prob = logits.float().sigmoid().flatten(1)                      # [B, Q*K]
+    k = min(k, queries * classes)
+    scores, idx = prob.topk(k, dim=1)
+    query_idx = torch.div(idx, classes, rounding_mode="floor")
+    labels = idx % classes
+    xyxy = box_cxcywh_to_xyxy(boxes.float())
+    xyxy = torch.gather(xyxy, 1, query_idx[..., None].expand(-1, -1, 4))
+    h, w = orig_sizes.float().unbind(-1)
+    scale = torch.stack([w, h, w, h], -1)[:, None]
+    xyxy = xyxy * scale
+    return [(scores[b], labels[b], xyxy[b]) for b in range(batch)]
+
+
+def to_coco_results(image_ids, per_image, label_to_category_id) -> list[dict]:
+    """COCO results: ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``."""
+    results = []
+    for image_id, (scores, labels, xyxy) in zip(image_ids, per_image):
+        xywh = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], 1).tolist()
+        for score, label, box in zip(scores.tolist(), labels.tolist(), xywh):
+            results.append({"image_id": int(image_id), "category_id": int(label_to_category_id[label]),
+                            "bbox": [float(v) for v in box], "score": float(score)})
+    return results
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset, batch_size: int = 4, device: str | torch.device = "cpu",
+            num_workers: int = 0, max_dets: int = MAX_DETS, amp_dtype: torch.dtype | None = None) -> list[dict]:
+    """Run ``model`` in eval mode over ``dataset``; COCO-format detections (original ids)."""
+    from reproduce.transforms import collate
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers)
+    results: list[dict] = []
+    try:
+        for images, pad_mask, targets in loader:
+            images, pad_mask = images.to(device), pad_mask.to(device)
+            ctx = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+                   else contextlib.nullcontext())
+            with ctx:
+                out = model(images, pad_mask)
+            orig = torch.stack([t["orig_size"] for t in targets]).to(device)
+            per_image = postprocess(out.logits, out.boxes, orig, max_dets)
+            per_image = [tuple(x.cpu() for x in item) for item in per_image]
+            results += to_coco_results([t["image_id"] for t in targets], per_image, dataset.label_to_category_id)
+    finally:
+        model.train(was_training)
+    return results
+
+
+# ---------------------------------------------------------------------------- metrics
+
+def _quiet():
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+def load_coco(gt):
+    """A pycocotools COCO from a path, a dict, or a COCO object."""
+    from pycocotools.coco import COCO
+    if isinstance(gt, COCO):
+        return gt
+    coco = COCO()
+    if isinstance(gt, (str, Path)):
+        with open(gt) as f:
+            coco.dataset = json.load(f)
+    else:
+        coco.dataset = dict(gt)
+    coco.dataset["annotations"] = [dict(a) for a in coco.dataset.get("annotations", [])]
+    for ann in coco.dataset["annotations"]:   # pycocotools needs area and iscrowd
+        if "area" not in ann:
+            ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
+        ann.setdefault("iscrowd", 0)
+    with _quiet():
+        coco.createIndex()
+    return coco
+
+
+def _load_results(coco_gt, detections: list[dict]):
+    """``coco_gt.loadRes`` that also accepts an empty list (pycocotools' own one crashes)."""
+    from pycocotools.coco import COCO
+    if detections:
+        with _quiet():
+            return coco_gt.loadRes([dict(d) for d in detections])
+    empty = COCO()
+    empty.dataset = {"images": list(coco_gt.dataset["images"]), "categories": list(coco_gt.dataset["categories"]),
+                     "annotations": []}
+    with _quiet():
+        empty.createIndex()
+    return empty
+
+
+def _defined(x: float) -> float | None:
+    return None if x < 0 else float(x)
+
+
+def coco_metrics(gt, detections: list[dict], image_ids: list[int] | None = None) -> dict:
+    """AP, AP50, AP75, APs, APm, APl, AR@1/10/100 (+ by area) and per-class AP with COCOeval.
+
+    ``gt``: prepared JSON path, dict or COCO object; ``image_ids`` restricts evaluation (default:
+    every image in ``gt``). Per-class AP is the mean of ``precision[:, :, k, area=all,
+    maxDets=100]`` over IoU thresholds and recall points (Detectron2's per-category AP).
+    """
+    from pycocotools.cocoeval import COCOeval
+    coco_gt = load_coco(gt)
+    coco_dt = _load_results(coco_gt, detections)
+    ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+    if image_ids is not None:
+        ev.params.imgIds = sorted(int(i) for i in image_ids)
+    with _quiet():
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    metrics: dict = {name: _defined(v) for name, v in zip(STAT_NAMES, ev.stats)}
+    precision = ev.eval["precision"]        # [T, R, K, A, M]
+    per_class = {}
+    for k, cat_id in enumerate(ev.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        name = coco_gt.cats[cat_id].get("name", str(cat_id))
+        per_class[name] = float(np.mean(p)) if p.size else None
+    metrics["per_class_AP"] = per_class
+    metrics["n_detections"] = len(detections)
+    return metrics
+
+
+def evaluate_model(model: nn.Module, dataset, batch_size: int = 4, device: str | torch.device = "cpu",
+                   num_workers: int = 0, max_dets: int = MAX_DETS) -> dict:
+    """Predict on ``dataset`` (a DetectionDataset) and score against its JSON with COCOeval."""
+    detections = predict(model, dataset, batch_size, device, num_workers, max_dets)
+    metrics = coco_metrics(dataset.json_path, detections, image_ids=list(dataset.image_ids))
+    metrics["n_images"] = len(dataset)
+    return metrics
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m reproduce.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, required=True, help="model.pth or checkpoint.pth")
+    p.add_argument("--detector", required=True, choices=("dab_detr", "deformable_detr", "dino"))
+    p.add_argument("--role", choices=("teacher", "student"),
+                   help="model config to build when the checkpoint has none (default: from the checkpoint, "
+                        "else student)")
+    p.add_argument("--method", help="recorded in the metrics (default: from the checkpoint)")
+    p.add_argument("--split", help="default: the profile's eval.split")
+    p.add_argument("--out", type=Path, help="metrics JSON (default: print only)")
+    p.add_argument("--detections", type=Path, help="also write the COCO-format detections here")
+    p.add_argument("--profile")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+    p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device", choices=("cpu", "cuda"))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from models.build import build_detector
+    from reproduce.checkpoint import load_model_state
+    from reproduce.datasets import DetectionDataset
+    from reproduce.runconfig import resolve_run
+    from reproduce.transforms import build_transforms
+
+    try:
+        params = load_params(args.params)
+        state, meta = load_model_state(args.checkpoint)
+        role = args.role or meta.get("role") or "student"
+        cfg = resolve_run(params, args.detector, role, overrides=args.overrides, profile=args.profile,
+                          dataset_len=1)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"evaluate: error: {err}", file=sys.stderr)
+        return 1
+    split = args.split or cfg["eval"].get("split", "val")
+    json_path = cfg["data"].get(split) or str(Path(cfg["data"]["train"]).with_name(f"{split}.json"))
+    dataset = DetectionDataset(json_path, transforms=build_transforms(False, cfg["image"]))
+    model_cfg = meta.get("model_cfg") or cfg["model"]
+    if meta.get("detector") and meta["detector"] != args.detector:
+        print(f"evaluate: error: {args.checkpoint} holds a {meta['detector']} model", file=sys.stderr)
+        return 1
+    num_classes = int(meta.get("num_classes") or dataset.num_classes)
+    model = build_detector(model_cfg, num_classes)
+    model.load_state_dict(state)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    batch_size = args.batch_size or int(cfg["eval"].get("batch_size", 4))
+
+    detections = predict(model, dataset, batch_size, device)
+    metrics = coco_metrics(json_path, detections, image_ids=list(dataset.image_ids))
+    metrics.update({
+        "n_images": len(dataset),
+        "detector": args.detector,
+        "role": role,
+        "method": args.method or meta.get("method", "student"),
+        "seed": meta.get("seed", cfg["seed"]),
+        "steps": meta.get("steps"),
+        "profile": meta.get("profile", cfg["profile"]),
+        "dataset": cfg["dataset"],
+        "split": split,
+        "checkpoint": str(args.checkpoint),
+        "ema": bool(meta.get("ema", False)),
+    })
+    if args.detections:
+        args.detections.parent.mkdir(parents=True, exist_ok=True)
+        args.detections.write_text(json.dumps(detections))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    print(" ".join(f"{k} {metrics[k]:.4f}" if isinstance(metrics[k], float) else f"{k} -"
+                   for k in STAT_NAMES[:6]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
