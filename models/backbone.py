@@ -119,13 +119,16 @@ class Backbone(nn.Module):
                                  f"unexpected {unexpected[:3]})")
         if frozen_bn:
             freeze_batch_norm(body)
+        if any(l not in (2, 3, 4, 5) for l in levels):
+            raise ValueError(f"backbone levels must be in 2..5, got {levels}")
+        # stages after the last level read are never run (forward stops there): freeze them, or
+        # the optimiser would decay them and DDP would fail on parameters without gradients
+        unused = tuple(f"layer{level - 1}." for level in range(max(levels) + 1, 6))
         for pname, param in body.named_parameters():
             keep = train_backbone and any(s in pname for s in ("layer2", "layer3", "layer4"))
             if name == "slim":   # a from-scratch slim net must train everything
                 keep = train_backbone
-            param.requires_grad_(keep)
-        if any(l not in (2, 3, 4, 5) for l in levels):
-            raise ValueError(f"backbone levels must be in 2..5, got {levels}")
+            param.requires_grad_(keep and not pname.startswith(unused))
         self.body = body
         self.is_slim = name == "slim"
         self.levels = tuple(levels)

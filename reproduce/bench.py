@@ -22,14 +22,16 @@ JSON present, so ``--only`` refreshes one part):
     ``DeformableDetrForObjectDetection`` at a matched configuration (same parameter count).
 ``distill_overhead``
     mini profile, batch 8 of 128x416: student step, teacher forward and every registered KD
-    method's step, interleaved on one batch, per detector.
+    method's step (``distill.METHODS`` plus ``distill.registry_baselines.BASELINES`` if that
+    module exists), interleaved on one batch, per detector; twice ``--repeats`` rounds.
 ``models``
     Per detector: training step time and peak memory at mini size and at paper size (ResNet-50,
     batch 1, 384x1248; 256x832 if a step takes longer than ``PAPER_STEP_LIMIT_S``). Each
-    configuration runs in a fresh subprocess; memory is the growth of the peak resident set
-    (``ru_maxrss``) from just before the model is built to after the timed steps: weights,
-    gradients, optimizer state and the step's activations (no tracemalloc, which would slow
-    the step and misses allocator caching).
+    configuration runs in a fresh subprocess; memory is the kernel's peak resident-set mark
+    (VmHWM, reset through ``/proc/self/clear_refs`` just before the model is built) minus the
+    resident memory at that moment: weights, gradients, optimizer state and the step's
+    activations and workspaces (no tracemalloc, which would slow the step and does not see
+    torch's allocations; not ``ru_maxrss``, which Linux carries over from the parent).
 ``eval``
     Evaluation throughput (model forward + post-processing, images/s) at mini size, and the
     time of pycocotools' COCOeval on a synthetic 300-image set built in memory.
@@ -54,12 +56,13 @@ command to run is printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as dt
+import functools
 import importlib
 import importlib.util
 import json
-import math
 import os
 import platform
 import random
@@ -274,6 +277,20 @@ def clip_and_step(params: list, optimizer: torch.optim.Optimizer, clip: float = 
 
 # ---------------------------------------------------------------------------- 1. msda
 
+@contextlib.contextmanager
+def msda_threshold(points: int | None):
+    """Temporarily set both ``impl="auto"`` thresholds of models.deformable_attention
+    (``None``: leave them); ``1 << 62`` forces grid_sample, ``0`` forces gather."""
+    from models import deformable_attention as mda
+    old = mda.GATHER_MIN_POINTS, mda.GATHER_MIN_POINTS_SINGLE_THREAD
+    if points is not None:
+        mda.GATHER_MIN_POINTS = mda.GATHER_MIN_POINTS_SINGLE_THREAD = points
+    try:
+        yield
+    finally:
+        mda.GATHER_MIN_POINTS, mda.GATHER_MIN_POINTS_SINGLE_THREAD = old
+
+
 MSDA_CASES = {
     "mini": dict(batch=8, shapes=[(8, 26), (4, 13)], heads=4, head_dim=16, points=2, queries=None),
     "kitti_encoder": dict(batch=1, shapes=[(48, 156), (24, 78), (12, 39), (6, 20)], heads=8, head_dim=32, points=4,
@@ -338,8 +355,8 @@ def bench_msda(args, tf, tf_reason) -> dict:
         for name, case in cases.items():
             value, shapes, locations, weights, grad_out = msda_inputs(case)
             leaves = [t.clone().requires_grad_() for t in (value, locations, weights)]
-            impls = {"grid_sample": lambda v, s, l, w: mda.multi_scale_deformable_attention(v, s, l, w, impl="grid_sample"),
-                     "gather": lambda v, s, l, w: mda.multi_scale_deformable_attention(v, s, l, w, impl="gather")}
+            impls = {impl: functools.partial(mda.multi_scale_deformable_attention, impl=impl)
+                     for impl in ("grid_sample", "gather")}
             if hf is not None:
                 impls = {"hf": hf, **impls}
 
@@ -373,7 +390,7 @@ def bench_msda(args, tf, tf_reason) -> dict:
             # the correctness pass above was the warm-up
             times = interleaved({impl: make(fn) for impl, fn in impls.items()}, args.repeats, warmup=0)
             n_points = locations.numel() // 2
-            auto = "gather" if n_points >= mda.GATHER_MIN_POINTS else "grid_sample"
+            auto = "gather" if n_points >= mda.gather_min_points() else "grid_sample"
             entry = {
                 "case": name, "threads": n_threads,
                 "shape": {"batch": case["batch"], "spatial_shapes": shapes, "heads": case["heads"],
@@ -403,7 +420,9 @@ def bench_msda(args, tf, tf_reason) -> dict:
                                  "MultiScaleDeformableAttention (pure PyTorch"
                                  + (", but the `kernels` package is installed: it may use a hub kernel)"
                                     if uses_hub_kernel else "; the `kernels` package is absent)"),
-            "gather_min_points": mda.GATHER_MIN_POINTS, "cases": results, "target": target}
+            "gather_min_points": {"multi_thread": mda.GATHER_MIN_POINTS,
+                                  "single_thread": mda.GATHER_MIN_POINTS_SINGLE_THREAD},
+            "cases": results, "target": target}
 
 
 # ---------------------------------------------------------------------------- 2. train_step
@@ -458,14 +477,9 @@ def bench_train_step(args, tf, tf_reason) -> dict:
 
     def ours_step(model, opt, force_grid_sample=False):
         def step():
-            old = mda.GATHER_MIN_POINTS
-            if force_grid_sample:
-                mda.GATHER_MIN_POINTS = 1 << 62
-            try:
+            with msda_threshold(1 << 62 if force_grid_sample else None):
                 loss = criterion.total(criterion(model(images, pad_mask, targets), targets))
                 loss.backward()
-            finally:
-                mda.GATHER_MIN_POINTS = old
             clip_and_step(trainable(model), opt)
         return step
 
@@ -585,7 +599,8 @@ def bench_distill_overhead(args, *_):
                 candidates[name] = step
             except Exception as exc:   # noqa: BLE001 - a method that cannot run is reported, not fatal
                 errors[name] = f"{type(exc).__name__}: {exc}"
-        times = interleaved(candidates, args.repeats)
+        # short steps and a 10% target: twice the rounds of the other comparisons
+        times = interleaved(candidates, 2 * args.repeats)
         kd = [n for n in candidates if n not in ("student", "teacher_forward")]
         entry = {"detector": det, "student_config": student_cfg, "teacher_config": teacher_cfg,
                  "batch": [batch, 3, height, width], "timings": timing_block(times), "errors": errors,
@@ -608,11 +623,37 @@ def bench_distill_overhead(args, *_):
 
 # ---------------------------------------------------------------------------- 4. models
 
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def model_child(spec: dict) -> dict:
-    """Runs in a fresh interpreter: build one model, time its training steps, peak memory."""
+    """Runs in a fresh interpreter: build one model, time its training steps, peak memory.
+
+    Peak memory is the kernel's high-water mark of resident memory (VmHWM), reset just before
+    the model is built, minus the resident memory at that moment. ``ru_maxrss`` cannot be used
+    here: Linux carries it over from the parent across fork + exec."""
     from models import build_criterion, build_detector, detector_config
     set_threads(spec["threads"])
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss        # KiB on Linux
+    rss_before = _proc_status_kib("VmRSS")
+    reset = _reset_peak_rss()
+    if rss_before is None or not reset:     # no procfs: fall back to ru_maxrss (KiB on Linux)
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     torch.manual_seed(0)
     cfg = detector_config(spec["detector"], spec["size"], **spec.get("overrides", {}))
     model = build_detector(cfg, NUM_CLASSES).train()
@@ -628,10 +669,13 @@ def model_child(spec: dict) -> dict:
         loss.backward()
         clip_and_step(params, opt)
         times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _proc_status_kib("VmHWM") if reset else None
+    if peak is None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"step_seconds": times[spec["warmup"]:], "warmup_seconds": times[:spec["warmup"]],
             "peak_rss_mib": peak / 1024, "rss_before_model_mib": rss_before / 1024,
             "peak_growth_mib": (peak - rss_before) / 1024,
+            "peak_source": "VmHWM after reset (/proc/self/clear_refs)" if reset else "ru_maxrss",
             "parameters": sum(p.numel() for p in model.parameters()), "trainable": sum(p.numel() for p in params),
             "config": cfg}
 
@@ -678,8 +722,9 @@ def bench_models(args, *_):
         _log(f"models {spec['detector']} {spec['label']} {spec['height']}x{spec['width']}: "
              + (f"step {row['step']['median']:.2f} s, peak +{row['peak_growth_mib']:.0f} MiB"
                 if "step" in row else row.get("error", "?")))
-    return {"memory_method": "ru_maxrss of a fresh subprocess: peak after the timed steps minus the peak "
-                             "just before the model is built (weights + grads + AdamW state + activations)",
+    return {"memory_method": "fresh subprocess per configuration: kernel peak-RSS mark (VmHWM), reset just "
+                             "before the model is built, minus the resident memory at that moment (weights + "
+                             "grads + AdamW state + the step's activations and workspace)",
             "rows": rows}
 
 
@@ -833,7 +878,7 @@ def _read(path: Path) -> dict | None:
 
 def write_summary(out_dir: Path) -> Path:
     lines = ["# Benchmarks", ""]
-    machine = None
+    machine, loads = None, []
     for name in BENCHMARKS:
         data = None
         try:
@@ -842,11 +887,17 @@ def write_summary(out_dir: Path) -> Path:
             pass
         if data:
             machine = machine or data.get("machine")
+            m = data.get("machine", {})
+            loads += [m.get("load_average", [None])[0], m.get("load_average_end", [None])[0]]
     if machine:
+        loads = [x for x in loads if x is not None]
+        load = f"; 1-min load average {min(loads):.1f}-{max(loads):.1f} during the run" if loads else ""
         lines += [f"Machine: {machine['cpu_model']}, {machine['logical_cpus']} logical CPUs, torch "
                   f"{machine['torch']}, transformers {machine.get('transformers') or 'not installed'}; "
-                  f"{machine['date']}. Medians over interleaved rounds, [IQR] in brackets; ratios are "
-                  "taken within a round.", ""]
+                  f"{machine['date']}{load}. Medians over interleaved rounds, [IQR] in brackets; ratios are "
+                  "taken within a round. Single-threaded rows (1t, and every benchmark but the msda 2t rows) "
+                  "time process CPU time; multi-threaded rows time wall-clock, which on a shared CPU includes "
+                  "waiting for descheduled worker threads.", ""]
     rows = summary_rows(out_dir)
     if rows:
         lines += ["| benchmark | comparison | ratio, median [IQR] | target | met |", "|---|---|---|---|---|"]
@@ -861,7 +912,8 @@ def write_summary(out_dir: Path) -> Path:
     msda = _read(out_dir / "msda.json")
     if msda:
         lines += ["## msda: forward + backward, ms", "",
-                  "| case | threads | sampling points | HF | ours grid_sample | ours gather | auto picks | max abs diff (output) |",
+                  "| case | threads | sampling points | HF | ours grid_sample | ours gather | auto picks "
+                  "| max abs diff (output) |",
                   "|---|---|---|---|---|---|---|---|"]
         for e in msda["cases"]:
             t = e["timings"]

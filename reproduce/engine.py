@@ -285,8 +285,8 @@ def train_step(model: nn.Module, distiller, images: Tensor, pad_mask: Tensor, ta
         if clip_max_norm and clip_max_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
         else:
-            norm = torch.linalg.vector_norm(torch.stack(
-                [torch.linalg.vector_norm(p.grad.detach()) for p in params if p.grad is not None]))
+            norms = [torch.linalg.vector_norm(p.grad.detach()) for p in params if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
         grad_norm = float(norm)
         if scaler is not None:
             # the scaler skips inf/nan steps itself (and lowers its scale): not ours to count

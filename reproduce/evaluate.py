@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         state, meta = load_model_state(args.checkpoint)
         role = args.role or meta.get("role") or "student"
         cfg = resolve_run(params, args.detector, role, overrides=args.overrides, profile=args.profile,
-                          dataset_len=1)
+                          resolve_steps=False)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 1

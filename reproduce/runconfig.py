@@ -99,13 +99,14 @@ def steps_from_epochs(epochs: float, dataset_len: int, global_batch: int) -> int
 
 def resolve_run(params: dict, detector: str, role: str, method: str = "student",
                 overrides: list[str] | dict | None = None, profile: str | None = None,
-                dataset_len: int | None = None, world_size: int = 1) -> dict:
+                dataset_len: int | None = None, world_size: int = 1, resolve_steps: bool = True) -> dict:
     """The run's config: model, teacher model (KD), train schedule, image, eval, data, seed.
 
     ``train.steps`` is always resolved to an int: ``teacher_steps`` for teachers (falling back
     to ``steps``), ``steps`` for students and KD runs, or ``epochs`` (``teacher_epochs``)
     times the optimizer steps per epoch, ``dataset_len // (batch_size * world_size)``, where
     ``dataset_len`` defaults to the number of images in the prepared train JSON.
+    ``resolve_steps=False`` (evaluation) leaves the schedule unresolved: ``train.steps`` None.
     """
     params = apply_overrides(params, overrides, profile)
     profile = profile or params.get("profile")
@@ -127,7 +128,9 @@ def resolve_run(params: dict, detector: str, role: str, method: str = "student",
 
     train = {**TRAIN_DEFAULTS, **(prof.get("train") or {})}
     steps_key, epochs_key = ("teacher_steps", "teacher_epochs") if role == "teacher" else ("steps", "epochs")
-    if train.get(steps_key) is not None:
+    if not resolve_steps:
+        steps = None
+    elif train.get(steps_key) is not None:
         steps = int(train[steps_key])
     elif train.get(epochs_key) is not None or train.get("epochs") is not None:
         epochs = train.get(epochs_key, train.get("epochs"))
@@ -139,7 +142,7 @@ def resolve_run(params: dict, detector: str, role: str, method: str = "student",
         steps = int(train["steps"])
     else:
         raise ConfigError(f"profile {profile!r}: train needs {steps_key!r}, 'steps' or 'epochs'")
-    if steps < 1:
+    if steps is not None and steps < 1:
         raise ConfigError(f"train steps must be >= 1, got {steps}")
     train["steps"] = steps
     for key in ("teacher_steps", "teacher_epochs"):

@@ -337,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         du.cleanup()
-    if du.get_rank() == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         s_per_step = summary["mean_s_per_step"]
         print(f"trained {summary['steps']}/{summary['total_steps']} steps "
               f"({summary['skipped_nonfinite_steps']} skipped), "

@@ -68,16 +68,14 @@ def test_gather_and_grid_sample_agree_in_float32_and_auto_dispatch():
     with pytest.raises(ValueError, match="impl"):
         multi_scale_deformable_attention(value, shapes, locations, weights, impl="nope")
     # auto: grid_sample below the threshold, gather at or above it (same numbers either way)
-    old = mda.GATHER_MIN_POINTS
-    try:
-        mda.GATHER_MIN_POINTS = locations.numel() // 2
+    n_points = locations.numel() // 2
+    with bench.msda_threshold(n_points):
+        assert mda.gather_min_points() == n_points
         assert torch.equal(multi_scale_deformable_attention(value, shapes, locations, weights),
                            multi_scale_deformable_attention(value, shapes, locations, weights, impl="gather"))
-        mda.GATHER_MIN_POINTS = locations.numel() // 2 + 1
+    with bench.msda_threshold(n_points + 1):
         assert torch.equal(multi_scale_deformable_attention(value, shapes, locations, weights),
                            multi_scale_deformable_attention(value, shapes, locations, weights, impl="grid_sample"))
-    finally:
-        mda.GATHER_MIN_POINTS = old
 
 
 def test_module_uses_gather_path_with_padding_mask():
@@ -88,17 +86,13 @@ def test_module_uses_gather_path_with_padding_mask():
     refs = torch.rand(2, 5, 2, 4) * 0.5 + 0.25
     mask = torch.zeros(2, 30, dtype=torch.bool)
     mask[:, 24:] = True
-    old = mda.GATHER_MIN_POINTS
-    try:
-        mda.GATHER_MIN_POINTS = 1
+    with bench.msda_threshold(0):
         a, _ = attn(query, refs, value, shapes, mask)
         value2 = value.clone()
         value2[:, 24:] = 1e3
         b, _ = attn(query, refs, value2, shapes, mask)
-        mda.GATHER_MIN_POINTS = 1 << 62
+    with bench.msda_threshold(1 << 62):
         c, _ = attn(query, refs, value, shapes, mask)
-    finally:
-        mda.GATHER_MIN_POINTS = old
     assert torch.allclose(a, b) and torch.allclose(a, c, atol=1e-6)
 
 

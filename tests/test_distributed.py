@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -57,13 +58,16 @@ def _worker(rank: int, port: int, cfg: dict, out: str, result_dir: str) -> None:
         du.cleanup()
 
 
-def test_two_process_gloo_training(tmp_path):
+@pytest.mark.parametrize("detector", ["dab_detr", "deformable_detr", "dino"])
+def test_two_process_gloo_training(tmp_path, detector):
+    """Every detector under DDP: a parameter without gradient (say, a backbone stage after the
+    last level read) would make DDP fail in the second step."""
     from reproduce import checkpoint as ckpt_io
     from reproduce.runconfig import resolve_run
     from tests.test_engine import make_toy_dataset, toy_params
 
     prepared = make_toy_dataset(tmp_path / "data", n=6)
-    cfg = resolve_run(toy_params(prepared, steps=3, checkpoint_every=0, log_every=1), "dino", "student",
+    cfg = resolve_run(toy_params(prepared, steps=3, checkpoint_every=0, log_every=1), detector, "student",
                       world_size=WORLD)
     out = tmp_path / "run"
     # fork: the children inherit the imported modules (spawn would re-import torch in each, ~5 s)
