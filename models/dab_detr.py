@@ -23,11 +23,17 @@ class DABDETR(DETRBase):
                  num_queries: int = 300, random_refpoints_xy: bool = False, modulate_hw_attn: bool = True,
                  denoising: bool = False, num_dn_queries: int = 100, label_noise_ratio: float = 0.5,
                  box_noise_scale: float = 0.4, **unused):
-        super().__init__(backbone, d_model, num_feature_levels=1, num_classes=num_classes)
+        # DAB-DETR's feature-map sine embedding uses temperature 20 (not DETR's 10000)
+        super().__init__(backbone, d_model, num_feature_levels=1, num_classes=num_classes, pos_temperature=20.0)
         self.num_queries = num_queries
         self.encoder = StandardEncoder(d_model, n_heads, dim_feedforward, dropout, enc_layers)
         self.decoder = ConditionalDecoder(d_model, n_heads, dim_feedforward, dropout, dec_layers, num_classes,
                                           modulate_hw_attn)
+        # DAB-DETR initialises its transformer with Xavier; the prediction heads keep their own init
+        heads = {id(p) for m in (self.decoder.class_heads, self.decoder.box_heads) for p in m.parameters()}
+        for p in list(self.encoder.parameters()) + list(self.decoder.parameters()):
+            if p.dim() > 1 and id(p) not in heads:
+                nn.init.xavier_uniform_(p)
         # learned anchors, stored in inverse-sigmoid space
         self.refpoint_embed = nn.Embedding(num_queries, 4)
         if random_refpoints_xy:   # DAB-DETR's option: uniform, frozen centres

@@ -12,8 +12,9 @@ No custom CUDA op. Two interchangeable implementations of the sampling (bilinear
   and the location/weight gradients from embedding_bag's per-sample-weight kernel. On a CPU this
   is 1.5-3x faster than grid_sample at KITTI resolution (``python -m reproduce.bench --only msda``).
 
-``impl="auto"`` picks ``gather`` on the CPU for problems of at least ``GATHER_MIN_POINTS``
-sampling points (B*Q*heads*levels*points) and ``grid_sample`` otherwise. Spatial shapes travel
+``impl="auto"`` picks ``gather`` on the CPU for problems of at least ``gather_min_points()``
+sampling points (B*Q*heads*levels*points; 2^14 single-threaded, 2^18 otherwise) and
+``grid_sample`` otherwise. Spatial shapes travel
 as a Python list so the level loop never syncs with the device. Under autocast the sampling
 runs in float32 (low-precision sampling was the top AMP complaint upstream).
 """
@@ -24,9 +25,20 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
-GATHER_MIN_POINTS = 1 << 18   # below this, grid_sample's fewer, larger ops win (measured on 1-2 CPU cores)
+# "auto" thresholds in sampling points (B*Q*heads*levels*points). gather issues ~3x more ops;
+# with several threads each op pays a parallel-region start, which on a loaded shared CPU costs
+# milliseconds, so small problems stay on grid_sample; single-threaded, gather wins from ~16k
+# points up (python -m reproduce.bench --only msda).
+GATHER_MIN_POINTS = 1 << 18
+GATHER_MIN_POINTS_SINGLE_THREAD = 1 << 14
 IMPLEMENTATIONS = ("auto", "grid_sample", "gather")
+
+
+def gather_min_points() -> int:
+    """The size from which ``impl="auto"`` uses the gather implementation on a CPU."""
+    return GATHER_MIN_POINTS_SINGLE_THREAD if torch.get_num_threads() == 1 else GATHER_MIN_POINTS
 
 
 def multi_scale_deformable_attention(
@@ -47,7 +59,7 @@ def multi_scale_deformable_attention(
     """
     if impl == "auto":
         n_points = sampling_locations.numel() // 2
-        impl = "gather" if value.device.type == "cpu" and n_points >= GATHER_MIN_POINTS else "grid_sample"
+        impl = "gather" if value.device.type == "cpu" and n_points >= gather_min_points() else "grid_sample"
     if impl == "gather":
         shapes = [(int(h), int(w)) for h, w in spatial_shapes]
         return _GatherSample.apply(value, sampling_locations, attention_weights, shapes)
@@ -114,8 +126,11 @@ class _GatherSample(torch.autograd.Function):
         height = per_level([h for h, _ in spatial_shapes], ftype)
         minus_half = torch.full((), -0.5, dtype=ftype, device=device)
         minus_two = torch.full((), -2.0, dtype=ftype, device=device)
-        px = torch.addcmul(minus_half, locations[..., 0], width)      # [B,Q,M,L,P] pixels, centres at +0.5
-        py = torch.addcmul(minus_half, locations[..., 1], height)
+        # pixel coordinates (centres at +0.5) with grid_sample's own float arithmetic,
+        # (grid + 1) * (size / 2) - 0.5 on grid = 2 * loc - 1, so both implementations round alike
+        grid1 = (2 * locations - 1).add_(1)
+        px = torch.addcmul(minus_half, grid1[..., 0], width / 2)      # [B,Q,M,L,P]
+        py = torch.addcmul(minus_half, grid1[..., 1], height / 2)
         inside = (px >= -1) & (px < width) & (py >= -1) & (py < height)
         px = torch.clamp_(px, minus_two, width + 1)                    # bounded before .long()
         py = torch.clamp_(py, minus_two, height + 1)
@@ -141,20 +156,21 @@ class _GatherSample(torch.autograd.Function):
         rows = top_left[:, :, :, None] + steps                                          # [B,Q,M,4,L,P]
         a = weights * inside
         corner_weights = ((lin_y * a[:, :, :, None])[:, :, :, :, None] * lin_x[:, :, :, None]).to(value.dtype)
-        bags = batch * queries * heads
-        out = F.embedding_bag(rows.view(bags, -1), padded.view(-1, head_dim), mode="sum",
-                              per_sample_weights=corner_weights.view(bags, -1))
+        bags, per_bag = batch * queries * heads, 4 * levels * points
+        out = F.embedding_bag(rows.view(bags, per_bag), padded.view(-1, head_dim), mode="sum",
+                              per_sample_weights=corner_weights.view(bags, per_bag))
         ctx.save_for_backward(padded, rows, a, inside, lin_x, lin_y, width, height)
         ctx.layout = (spatial_shapes, starts, padded_tokens, tuple(value.shape))
         return out.view(batch, queries, heads * head_dim)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         padded, rows, a, inside, lin_x, lin_y, width, height = ctx.saved_tensors
         spatial_shapes, starts, padded_tokens, value_shape = ctx.layout
         head_dim = value_shape[-1]
         bags = rows.shape[0] * rows.shape[1] * rows.shape[2]
-        per_bag = rows[0, 0, 0].numel()
+        per_bag = rows.shape[3] * rows.shape[4] * rows.shape[5]
         grad = grad_out.reshape(bags, head_dim).to(padded.dtype).contiguous()
         grad_value = grad_locations = grad_weights = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:

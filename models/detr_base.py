@@ -24,8 +24,10 @@ def group_norm(channels: int) -> nn.GroupNorm:
 class DETRBase(nn.Module):
     """Backbone, per-level 1x1 projections to d_model (plus stride-2 extra levels), positions."""
 
-    def __init__(self, backbone: Backbone, d_model: int, num_feature_levels: int, num_classes: int):
+    def __init__(self, backbone: Backbone, d_model: int, num_feature_levels: int, num_classes: int,
+                 pos_temperature: float = 10000.0):
         super().__init__()
+        self.pos_temperature = pos_temperature
         self.backbone = backbone
         self.d_model, self.num_classes = d_model, num_classes
         self.num_feature_levels = num_feature_levels
@@ -57,7 +59,8 @@ class DETRBase(nn.Module):
             last = proj(last)
             features.append(last)
             masks.append(nn.functional.interpolate(pad_mask[None].float(), size=last.shape[-2:])[0].bool())
-        positions = [sine_position_embedding(m, self.d_model // 2).to(f.dtype) for f, m in zip(features, masks)]
+        positions = [sine_position_embedding(m, self.d_model // 2, self.pos_temperature).to(f.dtype)
+                     for f, m in zip(features, masks)]
         return features, masks, positions
 
     def flatten_levels(self, features, masks, positions):
