@@ -61,7 +61,7 @@ SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 
 # Same values as params.yaml -> data.synth (used when params.yaml is absent).
 DEFAULTS = {
-    "out": "data/raw/synth",
+    "out": "data/raw/mini",   # data/raw/<profile> (dvc.yaml); the mini profile is synthetic
     "seed": 0,
     "num_train": 2000,
     "num_val": 300,
