@@ -13,7 +13,6 @@ from torch import Tensor, nn
 from .backbone import Backbone
 from .detr_base import DETRBase
 from .outputs import DetectorOutput, QueryGroup
-from .query_groups import contrastive_denoising_group
 from .transformer import ConditionalDecoder, StandardEncoder
 
 
@@ -55,11 +54,7 @@ class DABDETR(DETRBase):
         batch = images.shape[0]
         content = memory.new_zeros(batch, self.num_queries, self.d_model)
         anchors = self.refpoint_embed.weight.sigmoid()[None].expand(batch, -1, -1)
-        groups = list(groups or [])
-        if self.denoising and self.training and targets is not None:
-            dn = contrastive_denoising_group(targets, self.label_enc, self.num_classes, **self.dn_cfg)
-            if dn is not None:
-                groups.insert(0, dn)
+        groups = self.with_denoising(groups, targets)
         queries, boxes, attn_mask = self.join_queries(content, anchors, groups)
         dec = self.decoder(queries, boxes, memory, pos, mask, attn_mask, return_attention)
         logits, boxes, states, refs, group_out = self.split_outputs(

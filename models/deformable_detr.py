@@ -17,7 +17,6 @@ from .backbone import Backbone
 from .detr_base import DETRBase
 from .outputs import DetectorOutput, QueryGroup
 from .position_encoding import sine_box_embedding
-from .query_groups import contrastive_denoising_group
 from .transformer import DeformableDecoder, DeformableEncoder, QuerySelection
 
 
@@ -69,11 +68,7 @@ class DeformableDETR(DETRBase):
             query_pos, content = self.query_embed.weight[None].expand(batch, -1, -1).split(self.d_model, -1)
             anchors = self.reference_points(query_pos).sigmoid()
 
-        groups = list(groups or [])
-        if self.denoising and self.training and targets is not None:
-            dn = contrastive_denoising_group(targets, self.label_enc, self.num_classes, **self.dn_cfg)
-            if dn is not None:
-                groups.insert(0, dn)
+        groups = self.with_denoising(groups, targets)
         num_det = content.shape[1]
         queries, boxes, attn_mask = self.join_queries(content, anchors, groups)
         if groups:

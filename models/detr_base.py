@@ -9,10 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from .backbone import Backbone
-from .box_ops import inverse_sigmoid
 from .outputs import GroupOutput, QueryGroup
 from .position_encoding import sine_position_embedding
-from .query_groups import decoder_self_attn_mask
+from .query_groups import contrastive_denoising_group, decoder_self_attn_mask
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -120,12 +119,13 @@ class DETRBase(nn.Module):
         return (logits[:, :, det], boxes[:, :, det], states[:, :, det], references[:, :, det],
                 group_outputs)
 
-    def label_embedding_for_groups(self) -> nn.Embedding | None:
-        """The model's own class embedding for GT-derived queries, if it has one (denoising)."""
-        return getattr(self, "label_enc", None)
-
-
-def refine_boxes(delta: Tensor, reference: Tensor) -> Tensor:
-    """Iterative box refinement: the head predicts a correction in inverse-sigmoid space."""
-    return (delta + inverse_sigmoid(reference)).sigmoid()
+    def with_denoising(self, groups: list[QueryGroup] | None, targets: list[dict] | None) -> list[QueryGroup]:
+        """The caller's groups, preceded in training by a contrastive denoising group when the
+        model has denoising on (DINO always; DAB-DETR / Deformable DETR optionally, as DN-DETR)."""
+        groups = list(groups or [])
+        if getattr(self, "denoising", False) and self.training and targets is not None:
+            dn = contrastive_denoising_group(targets, self.label_enc, self.num_classes, **self.dn_cfg)
+            if dn is not None:
+                groups.insert(0, dn)
+        return groups
 

@@ -13,7 +13,6 @@ from torch import Tensor, nn
 from .backbone import Backbone
 from .detr_base import DETRBase
 from .outputs import DetectorOutput, QueryGroup
-from .query_groups import contrastive_denoising_group
 from .transformer import DeformableDecoder, DeformableEncoder, QuerySelection
 
 
@@ -50,11 +49,7 @@ class DINO(DETRBase):
         anchors = selected["anchors"]
         content = self.tgt_embed.weight[: anchors.shape[1]][None].expand(batch, -1, -1)
 
-        groups = list(groups or [])
-        if self.denoising and self.training and targets is not None:
-            dn = contrastive_denoising_group(targets, self.label_enc, self.num_classes, **self.dn_cfg)
-            if dn is not None:
-                groups.insert(0, dn)
+        groups = self.with_denoising(groups, targets)
         num_det = content.shape[1]
         queries, boxes, attn_mask = self.join_queries(content, anchors, groups)
         dec = self.decoder(queries, boxes, memory, mask, shapes, ratios, attn_mask,

@@ -15,26 +15,10 @@ import torch
 from models import deformable_attention as mda
 from models.deformable_attention import MultiScaleDeformableAttention, multi_scale_deformable_attention
 from reproduce import bench
+from tests.test_models import loop_reference  # one float64 reference for MSDA
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
-
-def loop_reference(value, shapes, locations, weights):
-    """Plain float64 loop: bilinear sampling with zero padding, pixel centres at +0.5."""
-    batch, _, heads, dim = value.shape
-    _, queries, _, levels, points, _ = locations.shape
-    out = torch.zeros(batch, queries, heads, dim, dtype=torch.float64)
-    starts = [0] + list(itertools.accumulate(h * w for h, w in shapes))[:-1]
-    for b, q, m, l, p in itertools.product(range(batch), range(queries), range(heads), range(levels), range(points)):
-        h, w = shapes[l]
-        x = locations[b, q, m, l, p, 0].item() * w - 0.5
-        y = locations[b, q, m, l, p, 1].item() * h - 0.5
-        x0, y0 = int(torch.floor(torch.tensor(x))), int(torch.floor(torch.tensor(y)))
-        for yy, xx in ((y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)):
-            if 0 <= yy < h and 0 <= xx < w:
-                wgt = (1 - abs(x - xx)) * (1 - abs(y - yy))
-                out[b, q, m] += weights[b, q, m, l, p].item() * wgt * value[b, starts[l] + yy * w + xx, m]
-    return out.flatten(2)
 
 
 def test_gather_matches_loop_reference_and_gradcheck():
