@@ -144,14 +144,10 @@ class SetCriterion(nn.Module):
         )
         return losses, indices
 
-    def denoising_losses(
-        self, dn: GroupOutput, layer: int, targets: list[dict], num_boxes: float
-    ) -> dict[str, Tensor]:
-        """DINO's DN losses (Sec. 3.3): positives reconstruct their GT (class + box), negatives
-        are background in the focal loss, padding slots are left out; normalised by
-        num_boxes * num_groups since every GT appears once per group."""
-        logits, boxes = dn.layer_logits[layer], dn.layer_boxes[layer]
-        device = logits.device
+    @staticmethod
+    def denoising_assignment(dn: GroupOutput, targets: list[dict]) -> dict:
+        """Which DN slots reconstruct which GT: the same for every decoder layer, so built once."""
+        device = dn.layer_logits.device
         meta = dn.group.meta
         assert len(meta["counts"]) == len(targets), "DN group was built for other targets"
         batch_idx, slot_idx, gt_idx, positive = (
@@ -163,10 +159,20 @@ class SetCriterion(nn.Module):
         flat = (offsets[batch_idx] + gt_idx)[positive]
         all_labels = torch.cat([t["labels"].to(device) for t in targets])
         all_boxes = torch.cat([t["boxes"].to(device) for t in targets]).reshape(-1, 4)
-        valid = dn.group.valid.to(device) if dn.group.valid is not None else None
+        return {"batch_idx": batch_idx[positive], "slot_idx": slot_idx[positive], "labels": all_labels[flat],
+                "boxes": all_boxes[flat], "num_groups": meta["num_groups"],
+                "valid": dn.group.valid.to(device) if dn.group.valid is not None else None}
+
+    def denoising_losses(
+        self, dn: GroupOutput, layer: int, assignment: dict, num_boxes: float
+    ) -> dict[str, Tensor]:
+        """DINO's DN losses (Sec. 3.3): positives reconstruct their GT (class + box), negatives
+        are background in the focal loss, padding slots are left out; normalised by
+        num_boxes * num_groups since every GT appears once per group."""
+        a = assignment
         return self.set_losses(
-            logits, boxes, batch_idx[positive], slot_idx[positive], all_labels[flat],
-            all_boxes[flat], num_boxes * meta["num_groups"], valid,
+            dn.layer_logits[layer], dn.layer_boxes[layer], a["batch_idx"], a["slot_idx"], a["labels"],
+            a["boxes"], num_boxes * a["num_groups"], a["valid"],
         )
 
     # ---- public API ---------------------------------------------------------------------------
@@ -202,9 +208,10 @@ class SetCriterion(nn.Module):
         dn = outputs.groups.get("dn")
         if dn is not None:
             dn_layers = dn.layer_logits.shape[0]
+            assignment = self.denoising_assignment(dn, targets)
             for layer in range(dn_layers) if self.aux_loss else [dn_layers - 1]:
                 suffix = "_dn" if layer == dn_layers - 1 else f"_dn_{layer}"
-                add(self.denoising_losses(dn, layer, targets, num_boxes), suffix)
+                add(self.denoising_losses(dn, layer, assignment, num_boxes), suffix)
         return losses
 
     def total(self, loss_dict: dict[str, Tensor]) -> Tensor:

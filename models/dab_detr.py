@@ -47,23 +47,11 @@ class DABDETR(DETRBase):
 
     def forward(self, images: Tensor, pad_mask: Tensor, targets: list[dict] | None = None,
                 groups: list[QueryGroup] | None = None, return_attention: bool = False) -> DetectorOutput:
-        features, masks, positions = self.embed_inputs(images, pad_mask)
-        src, mask, pos, shapes, starts, ratios = self.flatten_levels(features, masks, positions)
-        memory = self.encoder(src, pos, mask)
-
+        enc = self.encode(images, pad_mask)
         batch = images.shape[0]
-        content = memory.new_zeros(batch, self.num_queries, self.d_model)
+        content = enc.memory.new_zeros(batch, self.num_queries, self.d_model)
         anchors = self.refpoint_embed.weight.sigmoid()[None].expand(batch, -1, -1)
         groups = self.with_denoising(groups, targets)
         queries, boxes, attn_mask = self.join_queries(content, anchors, groups)
-        dec = self.decoder(queries, boxes, memory, pos, mask, attn_mask, return_attention)
-        logits, boxes, states, refs, group_out = self.split_outputs(
-            self.num_queries, groups, dec["logits"], dec["boxes"], dec["states"], dec["references"], dec["attention"])
-        if self.label_enc is not None:
-            logits = logits + 0.0 * self.label_enc.weight.sum()   # keep it in the graph for DDP
-        return DetectorOutput(
-            layer_logits=logits, layer_boxes=boxes, layer_states=states, layer_references=refs,
-            memory=memory, memory_pos=pos, memory_padding_mask=mask, spatial_shapes=shapes,
-            level_start_index=starts, valid_ratios=ratios, features=features, groups=group_out,
-            cross_attention=dec["attention"],
-        )
+        dec = self.decoder(queries, boxes, enc.memory, enc.pos, enc.padding_mask, attn_mask, return_attention)
+        return self.assemble(enc, self.num_queries, groups, dec)

@@ -54,14 +54,12 @@ class DeformableDETR(DETRBase):
 
     def forward(self, images: Tensor, pad_mask: Tensor, targets: list[dict] | None = None,
                 groups: list[QueryGroup] | None = None, return_attention: bool = False) -> DetectorOutput:
-        features, masks, positions = self.embed_inputs(images, pad_mask)
-        src, mask, pos, shapes, starts, ratios = self.flatten_levels(features, masks, positions)
-        memory = self.encoder(src, pos, mask, spatial_shapes=shapes, valid_ratios=ratios)
+        enc = self.encode(images, pad_mask)
         batch = images.shape[0]
 
         enc_logits = enc_boxes = None
         if self.two_stage:
-            selected = self.query_selection(memory, mask, shapes, self.num_queries)
+            selected = self.query_selection(enc.memory, enc.padding_mask, enc.spatial_shapes, self.num_queries)
             enc_logits, enc_boxes, anchors = selected["logits"], selected["boxes"], selected["anchors"]
             query_pos, content = self.anchor_queries(anchors)
         else:
@@ -74,15 +72,6 @@ class DeformableDETR(DETRBase):
         if groups:
             group_pos, _ = self.anchor_queries(boxes[:, num_det:])
             query_pos = torch.cat([query_pos, group_pos], 1)
-        dec = self.decoder(queries, boxes, memory, mask, shapes, ratios, attn_mask, query_pos=query_pos,
-                           return_attention=return_attention)
-        logits, boxes, states, refs, group_out = self.split_outputs(
-            num_det, groups, dec["logits"], dec["boxes"], dec["states"], dec["references"], dec["attention"])
-        if self.label_enc is not None:
-            logits = logits + 0.0 * self.label_enc.weight.sum()
-        return DetectorOutput(
-            layer_logits=logits, layer_boxes=boxes, layer_states=states, layer_references=refs,
-            memory=memory, memory_pos=pos, memory_padding_mask=mask, spatial_shapes=shapes,
-            level_start_index=starts, valid_ratios=ratios, features=features, enc_logits=enc_logits,
-            enc_boxes=enc_boxes, groups=group_out, cross_attention=dec["attention"],
-        )
+        dec = self.decoder(queries, boxes, enc.memory, enc.padding_mask, enc.spatial_shapes, enc.valid_ratios,
+                           attn_mask, query_pos=query_pos, return_attention=return_attention)
+        return self.assemble(enc, num_det, groups, dec, enc_logits=enc_logits, enc_boxes=enc_boxes)

@@ -5,13 +5,28 @@ the detection queries, and its decoder; the bookkeeping of extra query groups li
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from .backbone import Backbone
-from .outputs import GroupOutput, QueryGroup
+from .outputs import DetectorOutput, GroupOutput, QueryGroup
 from .position_encoding import sine_position_embedding
 from .query_groups import contrastive_denoising_group, decoder_self_attn_mask
+
+
+@dataclass
+class Encoded:
+    """The encoder's output and the bookkeeping of its levels."""
+
+    memory: Tensor                  # [B,S,D]
+    pos: Tensor                     # [B,S,D] positional + level embedding
+    padding_mask: Tensor            # [B,S]
+    spatial_shapes: list[tuple[int, int]]
+    level_start_index: list[int]
+    valid_ratios: Tensor            # [B,levels,2]
+    features: list[Tensor]          # per level [B,D,H,W]
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -78,6 +93,13 @@ class DETRBase(nn.Module):
         valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], 1)
         return src, mask, pos, spatial_shapes, level_start_index, valid_ratios
 
+    def encode(self, images: Tensor, pad_mask: Tensor) -> "Encoded":
+        """Backbone, projections and the detector's encoder: everything before the queries."""
+        features, masks, positions = self.embed_inputs(images, pad_mask)
+        src, mask, pos, shapes, starts, ratios = self.flatten_levels(features, masks, positions)
+        memory = self.encoder(src, pos, mask, spatial_shapes=shapes, valid_ratios=ratios)
+        return Encoded(memory, pos, mask, shapes, starts, ratios, features)
+
     @staticmethod
     def valid_ratio(mask: Tensor) -> Tensor:
         """Fraction (w, h) of a level's grid covered by the image rather than padding."""
@@ -102,9 +124,12 @@ class DETRBase(nn.Module):
         boxes = torch.cat([boxes] + [g.boxes.to(boxes.dtype) for g in groups], 1)
         return content, boxes, mask
 
-    @staticmethod
-    def split_outputs(num_det: int, groups: list[QueryGroup], logits, boxes, states, references, attention):
-        """Slice the decoder's per-layer outputs back into detection queries and each group."""
+    def assemble(self, encoded: "Encoded", num_det: int, groups: list[QueryGroup], dec: dict,
+                 **extra) -> DetectorOutput:
+        """Slice the decoder's per-layer outputs into detection queries and each group, and
+        return the one output object every consumer reads."""
+        logits, boxes, states, references, attention = (
+            dec["logits"], dec["boxes"], dec["states"], dec["references"], dec["attention"])
         group_outputs = {}
         start = num_det
         for g in groups:
@@ -115,9 +140,17 @@ class DETRBase(nn.Module):
             group_outputs[g.name] = GroupOutput(logits[:, :, sl], boxes[:, :, sl], states[:, :, sl],
                                                 references[:, :, sl], g, attn)
             start += g.num_queries
-        det = slice(0, num_det)
-        return (logits[:, :, det], boxes[:, :, det], states[:, :, det], references[:, :, det],
-                group_outputs)
+        det_logits = logits[:, :, :num_det]
+        label_enc = getattr(self, "label_enc", None)
+        if label_enc is not None:
+            # keep the label book in the graph when a batch has no denoising group (DDP)
+            det_logits = det_logits + 0.0 * label_enc.weight.sum()
+        return DetectorOutput(
+            layer_logits=det_logits, layer_boxes=boxes[:, :, :num_det], layer_states=states[:, :, :num_det],
+            layer_references=references[:, :, :num_det], memory=encoded.memory, memory_pos=encoded.pos,
+            memory_padding_mask=encoded.padding_mask, spatial_shapes=encoded.spatial_shapes,
+            level_start_index=encoded.level_start_index, valid_ratios=encoded.valid_ratios,
+            features=encoded.features, groups=group_outputs, cross_attention=attention, **extra)
 
     def with_denoising(self, groups: list[QueryGroup] | None, targets: list[dict] | None) -> list[QueryGroup]:
         """The caller's groups, preceded in training by a contrastive denoising group when the

@@ -40,28 +40,16 @@ class DINO(DETRBase):
 
     def forward(self, images: Tensor, pad_mask: Tensor, targets: list[dict] | None = None,
                 groups: list[QueryGroup] | None = None, return_attention: bool = False) -> DetectorOutput:
-        features, masks, positions = self.embed_inputs(images, pad_mask)
-        src, mask, pos, shapes, starts, ratios = self.flatten_levels(features, masks, positions)
-        memory = self.encoder(src, pos, mask, spatial_shapes=shapes, valid_ratios=ratios)
+        enc = self.encode(images, pad_mask)
         batch = images.shape[0]
 
-        selected = self.query_selection(memory, mask, shapes, self.num_queries)
+        selected = self.query_selection(enc.memory, enc.padding_mask, enc.spatial_shapes, self.num_queries)
         anchors = selected["anchors"]
         content = self.tgt_embed.weight[: anchors.shape[1]][None].expand(batch, -1, -1)
 
         groups = self.with_denoising(groups, targets)
         num_det = content.shape[1]
         queries, boxes, attn_mask = self.join_queries(content, anchors, groups)
-        dec = self.decoder(queries, boxes, memory, mask, shapes, ratios, attn_mask,
-                           return_attention=return_attention)
-        logits, boxes, states, refs, group_out = self.split_outputs(
-            num_det, groups, dec["logits"], dec["boxes"], dec["states"], dec["references"], dec["attention"])
-        # keep the label book in the graph when a batch has no denoising group (DDP)
-        logits = logits + 0.0 * self.label_enc.weight.sum()
-        return DetectorOutput(
-            layer_logits=logits, layer_boxes=boxes, layer_states=states, layer_references=refs,
-            memory=memory, memory_pos=pos, memory_padding_mask=mask, spatial_shapes=shapes,
-            level_start_index=starts, valid_ratios=ratios, features=features,
-            enc_logits=selected["logits"], enc_boxes=selected["boxes"], groups=group_out,
-            cross_attention=dec["attention"],
-        )
+        dec = self.decoder(queries, boxes, enc.memory, enc.padding_mask, enc.spatial_shapes, enc.valid_ratios,
+                           attn_mask, return_attention=return_attention)
+        return self.assemble(enc, num_det, groups, dec, enc_logits=selected["logits"], enc_boxes=selected["boxes"])

@@ -22,3 +22,12 @@ def tiny_batch():
         {"boxes": torch.tensor([[0.6, 0.4, 0.02, 0.03]]), "labels": torch.tensor([1])},
     ]
     return images, pad_mask, targets
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two OpenMP threads can be far slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -16,12 +16,7 @@ from reproduce.train import train
 from tests.test_engine import make_toy_dataset, toy_params
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _log_rows(path):

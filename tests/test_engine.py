@@ -25,12 +25,7 @@ from reproduce.train import train
 COLORS = [(230, 40, 40), (40, 200, 40), (40, 80, 240)]
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_toy_dataset(root: Path, n: int = 6, height: int = 64, width: int = 96, seed: int = 0,
