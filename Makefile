@@ -12,11 +12,13 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONHASHSEED := 0
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: help env repro table2 test test-all notebooks bench lab lock clean-venv
+.PHONY: help env repro seeds ablations table2 test test-all notebooks bench lab lock clean-venv
 
 help:
 	@echo "make repro      run the DVC pipeline (default profile: mini, CPU)"
 	@echo "make test       run the default test suite"
+	@echo "make seeds      student + CLoCKDistill for the other seeds (after make repro)"
+	@echo "make ablations  CLoCKDistill ablation variants (after make repro)"
 	@echo "make table2     render results/tables/table2.{md,csv,tex} from stored metrics"
 	@echo "make notebooks  execute the analysis notebooks headless (papermill)"
 	@echo "make bench      speed/memory benchmarks -> results/bench/"
@@ -38,8 +40,15 @@ env: $(SYNCED)
 repro: $(SYNCED)
 	$(VENV)/bin/dvc repro
 
+seeds: $(SYNCED)
+	$(PY) -m reproduce.experiments seeds
+
+ablations: $(SYNCED)
+	$(PY) -m reproduce.experiments ablations
+
 table2: $(SYNCED)
 	$(PY) -m reproduce.tables
+	$(PY) -m reproduce.claim
 
 test: $(SYNCED)
 	$(PY) -m pytest -q

@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "else student)")
     p.add_argument("--method", help="recorded in the metrics (default: from the checkpoint)")
     p.add_argument("--split", help="default: the profile's eval.split")
+    p.add_argument("--ablation", help="tag the metrics as this ablation variant (ablation table, not Table 2)")
     p.add_argument("--out", type=Path, help="metrics JSON (default: print only)")
     p.add_argument("--detections", type=Path, help="also write the COCO-format detections here")
     p.add_argument("--profile")
@@ -243,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "checkpoint": str(args.checkpoint),
         "ema": bool(meta.get("ema", False)),
     })
+    if args.ablation:
+        metrics["ablation"] = args.ablation
     if args.detections:
         args.detections.parent.mkdir(parents=True, exist_ok=True)
         args.detections.write_text(json.dumps(detections))

@@ -27,8 +27,6 @@ from reproduce.checkpoint import load_model_state  # noqa: E402
 
 MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-# two-sided 95% Student t quantiles by degrees of freedom
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def run_dir(profile: str, detector: str, run: str) -> Path:
@@ -147,22 +145,23 @@ def plot_training_curves(profile: str, detector: str, runs: list[str], key: str 
 
 
 def gains_with_ci(results_dir: Path) -> list[dict]:
-    """ΔAP of every method over the student of the same detector and seed, mean and 95% CI."""
-    runs = [json.loads(p.read_text()) | {"_file": p.stem} for p in sorted(results_dir.glob("*/*.json"))]
+    """ΔAP of every method over the student of the same detector (AP points), mean over seeds
+    and 95% CI, computed as the claim check computes it (reproduce.claim)."""
+    from reproduce.claim import confidence_interval
+    from reproduce.tables import load_runs
+    by: dict[tuple[str, str], dict[int, float]] = {}
+    for r in load_runs(results_dir):
+        if not r.get("ablation"):
+            by.setdefault((r["detector"], r["method"]), {})[int(r["seed"])] = 100.0 * r["AP"]
     rows = []
-    for detector in sorted({r["detector"] for r in runs if "detector" in r}):
-        det = [r for r in runs if r.get("detector") == detector and not r.get("ablation")]
-        student = {r.get("seed"): r["AP"] for r in det if r.get("method") == "student" and r.get("role") != "teacher"}
-        for method in sorted({r.get("method") for r in det} - {"student", None}):
-            deltas = [(r["AP"] - student[r.get("seed")]) * 100 for r in det
-                      if r.get("method") == method and r.get("role") != "teacher" and r.get("seed") in student]
-            if not deltas:
-                continue
-            mean = statistics.fmean(deltas)
-            half = T95.get(len(deltas) - 1, 1.96) * statistics.stdev(deltas) / math.sqrt(len(deltas)) \
-                if len(deltas) > 1 else math.nan
-            rows.append({"detector": detector, "method": method, "n": len(deltas), "delta": mean,
-                         "ci_low": mean - half, "ci_high": mean + half})
+    for (detector, method), aps in sorted(by.items()):
+        student = by.get((detector, "student"))
+        if method in ("student", "teacher") or not student:
+            continue
+        ci, _ = confidence_interval(aps, student)
+        delta = statistics.fmean(aps.values()) - statistics.fmean(student.values())
+        rows.append({"detector": detector, "method": method, "n": len(aps), "delta": delta,
+                     "ci_low": ci[0] if ci else math.nan, "ci_high": ci[1] if ci else math.nan})
     return rows
 
 

@@ -21,7 +21,7 @@ from reproduce.config import ConfigError, set_dotted
 ROLES = ("teacher", "student")
 SPLITS = ("train", "val", "test")
 #: keys of a profile; ``-S train.lr=...`` is shorthand for ``profiles.<profile>.train.lr=...``
-PROFILE_KEYS = ("dataset", "student", "teacher", "image", "train", "eval")
+PROFILE_KEYS = ("dataset", "student", "teacher", "image", "train", "eval", "distill")
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "batch_size": 2, "lr": 1e-4, "lr_backbone_mult": 1.0, "lr_linear_proj_mult": 0.1,
@@ -67,7 +67,8 @@ def apply_overrides(params: dict, overrides: list[str] | dict | None, profile: s
         if key == "profile":
             continue
         head = key.split(".", 1)[0]
-        if head in PROFILE_KEYS and head not in params:
+        # ``distill`` exists at both levels; the profile's wins, so an override must land there
+        if head in PROFILE_KEYS and (head not in params or head == "distill"):
             key = f"profiles.{profile}.{key}"
         set_dotted(params, key, value)
     return params
@@ -151,7 +152,10 @@ def resolve_run(params: dict, detector: str, role: str, method: str = "student",
 
     distill = {}
     if method != "student":
+        # method options: params' distill.<method>, then the profile's own distill.<method> on top
+        # (options tuned for one profile's scale must not leak into the paper-scale profiles)
         distill = copy.deepcopy(((params.get("distill") or {}).get(method)) or {})
+        distill.update(copy.deepcopy(((prof.get("distill") or {}).get(method)) or {}))
 
     return {
         "profile": profile,

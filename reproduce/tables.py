@@ -17,6 +17,7 @@ import yaml
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 MAIN_ORDER = ["teacher", "student", "fitnet", "fgd", "mgd", "kd_detr", "detrdistill", "clockdistill"]
+ABLATION_ORDER = ["both", "lcmd_only", "tcld_only", "no_location_mask", "backbone_features", "paper_weights"]
 DETECTOR_NAMES = {"dab_detr": "DAB-DETR", "deformable_detr": "Deformable DETR", "dino": "DINO"}
 DASH = "—"
 
@@ -56,11 +57,15 @@ def paper_cell(reported: dict, method: str) -> str:
     return DASH
 
 
-def build_rows(runs: list[dict], reported: dict, order: list[str], key: str = "method") -> list[dict]:
+def build_rows(runs: list[dict], reported: dict, order: list[str], key: str = "method",
+               students: list[dict] | None = None) -> list[dict]:
+    """One row per (detector, ``key``); ΔAP is over the no-KD student runs (taken from
+    ``students`` when given, e.g. Table 2's runs for the ablation table)."""
     rows = []
     for detector in [d for d in DETECTOR_NAMES if any(r["detector"] == d for r in runs)]:
         det_runs = [r for r in runs if r["detector"] == detector]
-        student = [r["AP"] for r in det_runs if r[key] == "student"] if key == "method" else []
+        student = [r["AP"] for r in (students if students is not None else runs)
+                   if r["detector"] == detector and r.get("method") == "student" and not r.get("ablation")]
         names = [m for m in order if any(r[key] == m for r in det_runs)]
         names += sorted({r[key] for r in det_runs} - set(names))
         for name in names:
@@ -130,11 +135,14 @@ def main(argv: list[str] | None = None) -> int:
         reported = yaml.safe_load(f) or {}
     runs = load_runs(results / profile)
     main_runs = [r for r in runs if not r.get("ablation")]
-    ablation_runs = [dict(r, variant=r["ablation"]) for r in runs if r.get("ablation")]
+    # the ablation table's "both" row is Table 2's CLoCKDistill run (same config), not a rerun
+    ablation_runs = [dict(r, variant="both") for r in main_runs if r.get("method") == "clockdistill"]
+    ablation_runs += [dict(r, variant=r["ablation"]) for r in runs if r.get("ablation")]
     out = results / "tables"
     print(write_table(build_rows(main_runs, reported, MAIN_ORDER), out, "table2",
                       f"Table 2 ({profile} profile): COCO AP x100, mean ± std over seeds"))
-    print(write_table(build_rows(ablation_runs, reported, [], key="variant"), out, "ablation",
+    print(write_table(build_rows(ablation_runs, reported, ABLATION_ORDER, key="variant", students=main_runs),
+                      out, "ablation",
                       f"Ablations ({profile} profile): COCO AP x100"))
     return 0
 

@@ -82,13 +82,18 @@ def test_resolve_run_from_params_yaml():
     assert student["train"]["steps"] == prof["train"]["steps"]
     assert teacher["train"]["steps"] == prof["train"]["teacher_steps"]
     assert student["model"]["d_model"] == 64 and teacher["model"]["d_model"] == 96
-    assert teacher["model"]["backbone"]["widths"] == [32, 64, 128, 256]
+    assert teacher["model"]["backbone"]["widths"] == prof["teacher"]["overrides"]["backbone"]["widths"]
     assert student["dataset"] == "synth"
     assert student["data"]["train"] == str(Path(params["data"]["prepared"]) / "mini" / "train.json")
     assert student["distill"] == {} and student["seed"] == params["seed"]
     # KD runs train the student's model and know the teacher's
     kd = resolve_run(params, "dino", "student", method="clockdistill", profile="mini")
     assert kd["model"] == student["model"] and kd["teacher_model"] == teacher["model"]
+    # method options: the profile's distill.<method> on top of the top-level one; -S lands there
+    assert kd["distill"] == {**params["distill"]["clockdistill"], **prof["distill"]["clockdistill"]}
+    ablated = resolve_run(params, "dino", "student", method="clockdistill", profile="mini",
+                          overrides=["distill.clockdistill.lcmd_weight=1", "distill.clockdistill.tcld=false"])
+    assert ablated["distill"]["lcmd_weight"] == 1 and ablated["distill"]["tcld"] is False
     with pytest.raises(ConfigError):
         resolve_run(params, "dino", "teacher", method="clockdistill", profile="mini")
     # overrides: profile-relative shorthand and full dotted keys

@@ -17,3 +17,41 @@ def test_short_run_reproduces_stored_ap(detector):
     tol = STORED_RUNS["tolerance_AP"]
     assert abs(now["AP"] - stored["AP"]) <= tol, f"{detector}: AP {now['AP']} vs stored {stored['AP']} (tol {tol})"
     assert abs(now["AP50"] - stored["AP50"]) <= 2 * tol
+
+
+# --- stored pipeline results: tables and claim agree with the stored metrics -----------------
+from pathlib import Path  # noqa: E402
+
+from reproduce.claim import evaluate_claim  # noqa: E402
+from reproduce.tables import ABLATION_ORDER, MAIN_ORDER, build_rows, load_runs, to_csv  # noqa: E402
+
+RESULTS = Path("results")
+PROFILE = "mini"
+STORED_METRICS = load_runs(RESULTS / PROFILE)
+needs_results = pytest.mark.skipif(not STORED_METRICS, reason=f"no stored metrics under results/{PROFILE}")
+
+
+@needs_results
+def test_table2_agrees_with_stored_metrics():
+    import yaml
+    reported = yaml.safe_load((RESULTS / "paper" / "reported.yaml").read_text())
+    main = [r for r in STORED_METRICS if not r.get("ablation")]
+    expected = to_csv(build_rows(main, reported, MAIN_ORDER))
+    assert (RESULTS / "tables" / "table2.csv").read_text() == expected, "run `make table2`"
+    ablation = [dict(r, variant="both") for r in main if r["method"] == "clockdistill"]
+    ablation += [dict(r, variant=r["ablation"]) for r in STORED_METRICS if r.get("ablation")]
+    expected = to_csv(build_rows(ablation, reported, ABLATION_ORDER, key="variant", students=main))
+    assert (RESULTS / "tables" / "ablation.csv").read_text() == expected, "run `make table2`"
+
+
+@needs_results
+def test_stored_claim_agrees_with_stored_metrics():
+    stored = json.loads((RESULTS / "tables" / "claim.json").read_text())
+    assert stored == json.loads(json.dumps(evaluate_claim(STORED_METRICS))), "run `make table2`"
+
+
+@needs_results
+def test_every_stored_metric_is_from_the_profile_and_test_split():
+    for run in STORED_METRICS:
+        assert run["profile"] == PROFILE, run["_path"]
+        assert run["split"] == "test", f"{run['_path']}: Table 2 reports the test split (tuning used val)"

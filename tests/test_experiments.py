@@ -1,0 +1,61 @@
+"""The seeds/ablations driver plans the right runs, and the claim check computes what it says."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from reproduce.claim import BASELINES, confidence_interval, evaluate_claim
+from reproduce.experiments import ABLATIONS, commands, plan
+
+PARAMS = {"profile": "mini", "seed": 0, "seeds": [0, 1, 2], "methods": list(BASELINES) + ["clockdistill"]}
+
+
+def test_plan_uses_the_pipeline_dirs_for_the_default_seed_and_one_teacher():
+    jobs = plan(PARAMS, "runs", ["dino"], ["teacher", "student", "clockdistill"], [0, 1], Path("runs"), Path("results"))
+    names = [(j.run, j.seed, str(j.run_dir), str(j.metrics)) for j in jobs]
+    assert ("teacher", 0, "runs/mini/dino/teacher", "results/mini/dino/teacher-s0.json") in names
+    assert not any(run == "teacher" and seed == 1 for run, seed, *_ in names)
+    assert ("student", 0, "runs/mini/dino/student", "results/mini/dino/student-s0.json") in names
+    assert ("clockdistill", 1, "runs/mini/dino/clockdistill-s1", "results/mini/dino/clockdistill-s1.json") in names
+
+
+def test_ablation_jobs_override_clockdistill_and_tag_their_metrics():
+    jobs = plan(PARAMS, "ablations", ["dino"], [], [0], Path("runs"), Path("results"))
+    assert {j.ablation for j in jobs} == set(ABLATIONS)
+    job = next(j for j in jobs if j.ablation == "lcmd_only")
+    train, evaluate = commands(job, "mini", Path("runs"))
+    assert train[train.index("--method") + 1] == "clockdistill"
+    assert train[train.index("--teacher") + 1] == "runs/mini/dino/teacher/model.pth"
+    assert "distill.clockdistill.tcld=false" in train
+    assert evaluate[evaluate.index("--ablation") + 1] == "lcmd_only"
+
+
+def test_paired_interval_matches_scipy():
+    treated, control = {0: 5.0, 1: 6.5, 2: 4.0}, {0: 2.0, 1: 2.5, 2: 2.2}
+    (low, high), kind = confidence_interval(treated, control)
+    diffs = [3.0, 4.0, 1.8]
+    ref = stats.t.interval(0.95, 2, loc=sum(diffs) / 3, scale=stats.sem(diffs))
+    assert kind == "paired t" and low == pytest.approx(ref[0]) and high == pytest.approx(ref[1])
+
+
+def _runs(det, method, aps):
+    return [{"detector": det, "method": method, "seed": s, "AP": ap} for s, ap in enumerate(aps)]
+
+
+def test_claim_holds_only_with_gain_interval_seeds_and_every_baseline():
+    runs = _runs("dino", "student", [0.10, 0.11, 0.12]) + _runs("dino", "clockdistill", [0.13, 0.14, 0.145])
+    for m in BASELINES:
+        runs += _runs("dino", m, [0.11])
+    result = evaluate_claim(runs)["detectors"]["dino"]
+    assert result["holds"] and result["delta_ap"] == pytest.approx(41.5 / 3 - 11, abs=1e-3)
+    # one baseline above CLoCKDistill breaks it
+    worse = evaluate_claim(runs + _runs("dino", "fgd", [0.2, 0.2, 0.2])[1:])["detectors"]["dino"]
+    assert not worse["holds"] and worse["baselines_above_clockdistill"] == ["fgd"]
+    # too small a gain breaks it
+    small = [dict(r, AP=r["AP"] - 0.01) if r["method"] == "clockdistill" else r for r in runs]
+    assert not evaluate_claim(small)["detectors"]["dino"]["checks"]["gain_at_least_min"]
+    # two seeds are not enough
+    two = [r for r in runs if r["seed"] < 2]
+    assert not evaluate_claim(two)["detectors"]["dino"]["checks"]["enough_seeds"]
