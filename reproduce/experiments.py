@@ -8,7 +8,8 @@ the pipeline's, under ``results/<profile>/<detector>/``:
 * ``seeds``: the student and CLoCKDistill (``--runs`` to add baselines) for every seed in
   ``params.yaml``'s ``seeds`` other than the pipeline's, so that Table 2 shows mean ± std;
 * ``ablations``: CLoCKDistill variants (L_lcmd only, L_tcld only, location mask off,
-  backbone-feature distillation) for ``--seeds`` (default: every seed), tagged ``ablation`` in
+  backbone-feature distillation, the untuned L_lcmd weight) for ``--seeds`` (default: the
+  pipeline's seed), tagged ``ablation`` in
   their metrics so ``reproduce.tables`` puts them in the ablation table;
 * ``runs``: any list of runs and seeds, e.g. the pipeline's own runs two at a time.
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile")
     parser.add_argument("--detectors", help="comma-separated (default: params detectors)")
     parser.add_argument("--runs", help="comma-separated runs (seeds default: student,clockdistill)")
-    parser.add_argument("--seeds", help="comma-separated (seeds: params seeds except seed; ablations: params seed)")
+    parser.add_argument("--seeds", help="comma-separated (seeds: params seeds except seed; otherwise: params seed)")
     parser.add_argument("--jobs", type=int, default=2, help="trainings at once (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per job (default: cores / jobs)")
     parser.add_argument("--runs-root", type=Path, default=Path("runs"))
@@ -150,9 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in args.seeds.split(",")]
     elif args.command == "seeds":
         seeds = [int(s) for s in params["seeds"] if int(s) != default_seed]
-    elif args.command == "ablations":
-        seeds = [int(s) for s in params["seeds"]]
-    else:
+    else:          # runs and ablations: the pipeline's seed unless --seeds says otherwise
         seeds = [default_seed]
     runs = args.runs.split(",") if args.runs else (["student", "clockdistill"] if args.command != "runs"
                                                    else ["teacher", "student", *params["methods"]])

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
+if "ipykernel" not in sys.modules:   # scripts render off-screen; notebooks keep their inline backend
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
@@ -39,7 +40,11 @@ def load_run_model(profile: str, detector: str, run: str, num_classes: int):
     if not path.is_file():
         return None
     state, meta = load_model_state(path)
-    model = build_detector(meta["config"]["model"], num_classes)
+    # model.pth carries its model config (model_cfg); a training checkpoint carries the run config
+    model_cfg = meta.get("model_cfg") or (meta.get("config") or {}).get("model")
+    if model_cfg is None:
+        raise ValueError(f"{path}: no model config stored with the weights")
+    model = build_detector(model_cfg, int(meta.get("num_classes") or num_classes))
     model.load_state_dict(state)
     return model.eval()
 

@@ -2,7 +2,7 @@
 
 Reads every metrics JSON under ``results/<profile>/<detector>/`` (written by
 ``reproduce.evaluate``), groups runs by (detector, method), and writes mean ± std over seeds
-with ΔAP over the no-distillation student, to ``results/tables/{table2,ablation}.{md,csv,tex}``.
+with ΔAP over the no-distillation student (paired by seed), to ``results/tables/{table2,ablation}.{md,csv,tex}``.
 The "paper" column comes only from ``results/paper/reported.yaml`` (transcribed values).
 """
 from __future__ import annotations
@@ -50,6 +50,16 @@ def fmt(values: list[float], scale: float = 100.0) -> str:
     return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
+def delta_ap(method: dict, student: dict) -> float:
+    """Mean AP gain over the student, paired by seed: over the seeds both have (a one-seed
+    baseline is compared with the student of that seed, not with the mean of all its seeds);
+    the difference of means when they share none."""
+    common = sorted(set(method) & set(student))
+    if common:
+        return statistics.fmean(method[s] - student[s] for s in common)
+    return statistics.fmean(method.values()) - statistics.fmean(student.values())
+
+
 def paper_cell(reported: dict, method: str) -> str:
     for claim in reported.get("claims", []):
         if claim.get("applies_to") == method:
@@ -64,8 +74,8 @@ def build_rows(runs: list[dict], reported: dict, order: list[str], key: str = "m
     rows = []
     for detector in [d for d in DETECTOR_NAMES if any(r["detector"] == d for r in runs)]:
         det_runs = [r for r in runs if r["detector"] == detector]
-        student = [r["AP"] for r in (students if students is not None else runs)
-                   if r["detector"] == detector and r.get("method") == "student" and not r.get("ablation")]
+        student = {r["seed"]: r["AP"] for r in (students if students is not None else runs)
+                   if r["detector"] == detector and r.get("method") == "student" and not r.get("ablation")}
         names = [m for m in order if any(r[key] == m for r in det_runs)]
         names += sorted({r[key] for r in det_runs} - set(names))
         for name in names:
@@ -74,7 +84,7 @@ def build_rows(runs: list[dict], reported: dict, order: list[str], key: str = "m
             for m in METRICS:
                 row[m] = fmt([r[m] for r in group if r.get(m) is not None and r[m] >= 0])
             if student and name not in ("student", "teacher"):
-                row["ΔAP"] = f"{(mean_std([r['AP'] for r in group])[0] - mean_std(student)[0]) * 100:+.1f}"
+                row["ΔAP"] = f"{delta_ap({r['seed']: r['AP'] for r in group}, student) * 100:+.1f}"
             else:
                 row["ΔAP"] = DASH
             row["paper ΔAP"] = paper_cell(reported, name) if key == "method" else DASH

@@ -55,3 +55,22 @@ def test_every_stored_metric_is_from_the_profile_and_test_split():
     for run in STORED_METRICS:
         assert run["profile"] == PROFILE, run["_path"]
         assert run["split"] == "test", f"{run['_path']}: Table 2 reports the test split (tuning used val)"
+
+
+# The claim, as measured on the stored default-profile results (README, "Reproduction"). What
+# holds: CLoCKDistill beats the no-KD student with a 95% CI above 0 over >= 3 seeds, for both
+# detectors that train at the mini size. What does not: the +2.0 bar for DINO, and CLoCKDistill
+# >= every (untuned) baseline. A change in either direction must be a deliberate update here.
+MEASURED_FAILING_CHECKS = {
+    "deformable_detr": ["beats_every_baseline"],
+    "dino": ["beats_every_baseline", "gain_at_least_min"],
+}
+
+
+@needs_results
+@pytest.mark.parametrize("detector", sorted(MEASURED_FAILING_CHECKS))
+def test_claim_on_the_default_profile_is_as_reported(detector):
+    entry = evaluate_claim(STORED_METRICS)["detectors"][detector]
+    assert entry["delta_ap"] > 0 and entry["ci95"][0] > 0, entry
+    assert entry["checks"]["enough_seeds"] and entry["checks"]["ci_above_zero"]
+    assert sorted(k for k, ok in entry["checks"].items() if not ok) == MEASURED_FAILING_CHECKS[detector]
