@@ -76,6 +76,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from reproduce.config import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_LOCK = ROOT / "requirements-bench.lock"
 UV = ROOT / ".tools" / "bin" / "uv"
@@ -230,13 +232,6 @@ def timing_block(times: dict[str, list[float]]) -> dict:
                    other_name: LAST_OTHER_CLOCK.get(name), f"{other_name[:-8]}_median":
                    statistics.median(LAST_OTHER_CLOCK[name]) if LAST_OTHER_CLOCK.get(name) else None}
             for name, t in times.items()}
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    tmp.replace(path)
 
 
 def _json_default(x):
@@ -1084,7 +1079,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(args.out / f"{name}.json", {
             "benchmark": name, "machine": machine, "quick": args.quick, "repeats": args.repeats,
             "threads": args.threads, "clock_choice": args.clock, "wall_seconds": time.perf_counter() - t0,
-            "result": result})
+            "result": result}, default=_json_default, sort_keys=False)
     summary = write_summary(args.out)
     figure = write_figure(args.out)
     _log(f"done in {time.perf_counter() - started:.0f} s: {summary}" + (f", {figure}" if figure else ""))

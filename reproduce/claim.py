@@ -9,20 +9,19 @@ For each detector (issue 5, "the claim on the default profile"):
   least 3 seeds were run, and CLoCKDistill's mean AP is ≥ every baseline KD method's, compared
   on the seeds both have (baselines may have run fewer seeds).
 
-Writes ``results/tables/claim.json`` (beside Table 2, which it reads the same metrics as) and prints a summary. The verdict is computed, never
+Writes ``results/tables/claim.json`` beside Table 2 and prints a summary. The verdict is computed, never
 stored by hand; tests/test_regression.py recomputes it from the stored metrics.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 from scipy import stats
 
-from reproduce.config import load_params
+from reproduce.config import load_params, write_json
 from reproduce.tables import delta_ap, load_runs
 
 MIN_GAIN = 2.0        # AP points (issue 5)
@@ -49,12 +48,17 @@ def confidence_interval(treated: dict[int, float], control: dict[int, float], le
     return (mean - half, mean + half), kind
 
 
-def evaluate_claim(runs: list[dict]) -> dict:
+def ap_by_run(runs: list[dict]) -> dict[tuple[str, str], dict[int, float]]:
+    """{(detector, method): {seed: AP x100}} of the Table 2 runs (ablations left out)."""
     by: dict[tuple[str, str], dict[int, float]] = {}
     for r in runs:
-        if r.get("ablation"):
-            continue
-        by.setdefault((r["detector"], r["method"]), {})[int(r["seed"])] = 100.0 * r["AP"]
+        if not r.get("ablation"):
+            by.setdefault((r["detector"], r["method"]), {})[int(r["seed"])] = 100.0 * r["AP"]
+    return by
+
+
+def evaluate_claim(runs: list[dict]) -> dict:
+    by = ap_by_run(runs)
     detectors = sorted({d for d, m in by if m == "clockdistill"})
     result = {"min_gain_ap": MIN_GAIN, "min_seeds": MIN_SEEDS, "detectors": {}}
     for det in detectors:
@@ -117,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     profile = args.profile or load_params(args.params)["profile"]
     result = evaluate_claim(load_runs(args.results / profile))
-    out = args.results / "tables" / "claim.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    write_json(args.results / "tables" / "claim.json", result)
     print(summary(result))
     return 0
 

@@ -12,7 +12,6 @@ is just ``(epoch, batch_in_epoch)``.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import random
 import time
@@ -364,8 +363,3 @@ class CSVLog:
         tmp.replace(self.path)
 
 
-def write_json(path: str | Path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from models.box_ops import box_cxcywh_to_xyxy
-from reproduce.config import ConfigError, load_params
+from reproduce.config import ConfigError, load_params, write_json
 
 MAX_DETS = 100
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -250,8 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.detections.parent.mkdir(parents=True, exist_ok=True)
         args.detections.write_text(json.dumps(detections))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        write_json(args.out, metrics)
     print(" ".join(f"{k} {metrics[k]:.4f}" if isinstance(metrics[k], float) else f"{k} -"
                    for k in STAT_NAMES[:6]))
     return 0

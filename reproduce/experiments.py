@@ -104,8 +104,6 @@ def commands(job: Job, profile: str, runs_root: Path) -> list[list[str]]:
         train += ["-S", item]
     evaluate = [py, "-m", "reproduce.evaluate", "--checkpoint", str(job.run_dir / "model.pth"),
                 "--detector", job.detector, "--profile", profile, "--out", str(job.metrics)]
-    for item in job.overrides:
-        evaluate += ["-S", item]
     if job.ablation:
         evaluate += ["--ablation", job.ablation]
     return [train, evaluate]

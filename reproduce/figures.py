@@ -152,12 +152,9 @@ def plot_training_curves(profile: str, detector: str, runs: list[str], key: str 
 def gains_with_ci(results_dir: Path) -> list[dict]:
     """ΔAP of every method over the student of the same detector (AP points), mean over seeds
     and 95% CI, computed as the claim check computes it (reproduce.claim)."""
-    from reproduce.claim import confidence_interval
+    from reproduce.claim import ap_by_run, confidence_interval
     from reproduce.tables import load_runs
-    by: dict[tuple[str, str], dict[int, float]] = {}
-    for r in load_runs(results_dir):
-        if not r.get("ablation"):
-            by.setdefault((r["detector"], r["method"]), {})[int(r["seed"])] = 100.0 * r["AP"]
+    by = ap_by_run(load_runs(results_dir))
     rows = []
     for (detector, method), aps in sorted(by.items()):
         student = by.get((detector, "student"))

@@ -67,8 +67,9 @@ def apply_overrides(params: dict, overrides: list[str] | dict | None, profile: s
         if key == "profile":
             continue
         head = key.split(".", 1)[0]
-        # ``distill`` exists at both levels; the profile's wins, so an override must land there
-        if head in PROFILE_KEYS and (head not in params or head == "distill"):
+        # profile keys always land in the run's profile (for ``distill``, which also exists at the
+        # top level, the profile's options are the ones that win)
+        if head in PROFILE_KEYS:
             key = f"profiles.{profile}.{key}"
         set_dotted(params, key, value)
     return params

@@ -50,6 +50,15 @@ def fmt(values: list[float], scale: float = 100.0) -> str:
     return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
+def split_runs(runs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(Table 2 runs, ablation-table runs keyed by ``variant``). The ablation table's "both"
+    row is Table 2's CLoCKDistill run (same config), not a rerun."""
+    main = [r for r in runs if not r.get("ablation")]
+    ablation = [dict(r, variant="both") for r in main if r.get("method") == "clockdistill"]
+    ablation += [dict(r, variant=r["ablation"]) for r in runs if r.get("ablation")]
+    return main, ablation
+
+
 def delta_ap(method: dict, student: dict) -> float:
     """Mean AP gain over the student, paired by seed: over the seeds both have (a one-seed
     baseline is compared with the student of that seed, not with the mean of all its seeds);
@@ -144,10 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     with (results / "paper" / "reported.yaml").open() as f:
         reported = yaml.safe_load(f) or {}
     runs = load_runs(results / profile)
-    main_runs = [r for r in runs if not r.get("ablation")]
-    # the ablation table's "both" row is Table 2's CLoCKDistill run (same config), not a rerun
-    ablation_runs = [dict(r, variant="both") for r in main_runs if r.get("method") == "clockdistill"]
-    ablation_runs += [dict(r, variant=r["ablation"]) for r in runs if r.get("ablation")]
+    main_runs, ablation_runs = split_runs(runs)
     out = results / "tables"
     print(write_table(build_rows(main_runs, reported, MAIN_ORDER), out, "table2",
                       f"Table 2 ({profile} profile): COCO AP x100, mean ± std over seeds"))

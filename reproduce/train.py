@@ -36,10 +36,10 @@ from distill import build_distiller
 from models.build import build_criterion, build_detector
 from reproduce import checkpoint as ckpt_io
 from reproduce import distributed as du
-from reproduce.config import ConfigError, load_params
+from reproduce.config import ConfigError, load_params, write_json
 from reproduce.engine import (CSVLog, MetricWindow, ModelEMA, ResumableBatchSampler, SeededSamples, amp_settings,
                               build_optimizer, build_scheduler, seed_everything, targets_to, train_step,
-                              worker_init_fn, write_json)
+                              worker_init_fn)
 from reproduce.runconfig import resolve_run
 
 log = logging.getLogger("reproduce.train")
