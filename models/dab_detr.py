@@ -4,6 +4,13 @@ Read top to bottom: C5 features -> 1x1 projection -> DETR encoder (standard atte
 decoder queries = learned anchors (cx, cy, w, h) with zero content, refined layer by layer;
 positional queries come from the anchors' sine embeddings (ConditionalDecoder).
 Extra query groups (denoising, target-aware) are decoded in the same pass behind a mask.
+
+Defaults are DAB-DETR's. Three options exist for short CPU schedules only (the ``mini`` size in
+models/build.py; grade D, not the paper's or DAB-DETR's): ``anchor_init_wh`` (anchors start
+small), ``anchor_pos_temperature`` (the anchors' sine embedding uses the feature map's
+temperature, so their frequencies match) and ``positional_attention_init="local"``
+(:func:`local_attention_projection`). Without them the cross-attention does not localise
+within a few thousand steps from scratch: results/tuning/dab_detr_mini_probe.json.
 """
 from __future__ import annotations
 
@@ -16,29 +23,65 @@ from .outputs import DetectorOutput, QueryGroup
 from .transformer import ConditionalDecoder, StandardEncoder
 
 
+def local_attention_projection(d_model: int, n_heads: int) -> Tensor:
+    """A [d, d] permutation for the positional query and key projections of cross-attention.
+
+    Both sine embeddings lay out (y, x) as sin/cos pairs per frequency (models/position_encoding.py).
+    This matrix gives every head the same frequencies of y and of x in query and key, spread from
+    high to low, so each head's positional score starts as sum_f cos(w_f * (anchor - cell)): a
+    peak at the anchor, like Deformable DETR's sampling points start around the reference point.
+    Not DAB-DETR's (Xavier) init; a reconstruction for short CPU schedules (grade D).
+    """
+    freqs = d_model // 4                 # per coordinate: d/2 dims = sin/cos of d/4 frequencies
+    head_dim = d_model // n_heads
+    if d_model % 4 or freqs % n_heads:
+        raise ValueError(f"local positional init needs d_model/4 divisible by n_heads ({d_model}, {n_heads})")
+    weight = torch.zeros(d_model, d_model)
+    for out in range(d_model):
+        head, within = divmod(out, head_dim)
+        coord, k = divmod(within, head_dim // 2)          # first half of a head: y, second: x
+        freq = head + (k // 2) * n_heads                   # head h: frequencies h, h+H, h+2H, ...
+        weight[out, coord * (d_model // 2) + 2 * freq + k % 2] = 1.0
+    return weight
+
+
 class DABDETR(DETRBase):
     def __init__(self, backbone: Backbone, num_classes: int, d_model: int = 256, n_heads: int = 8,
                  enc_layers: int = 6, dec_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.0,
                  num_queries: int = 300, random_refpoints_xy: bool = False, modulate_hw_attn: bool = True,
                  denoising: bool = False, num_dn_queries: int = 100, label_noise_ratio: float = 0.5,
-                 box_noise_scale: float = 0.4, **unused):
-        # DAB-DETR's feature-map sine embedding uses temperature 20 (not DETR's 10000)
+                 box_noise_scale: float = 0.4, anchor_init_wh: float | None = None,
+                 anchor_pos_temperature: float = 10000.0, positional_attention_init: str = "xavier", **unused):
+        # DAB-DETR's feature-map sine embedding uses temperature 20 (not DETR's 10000); its anchor
+        # embedding uses 10000 (anchor_pos_temperature)
         super().__init__(backbone, d_model, num_feature_levels=1, num_classes=num_classes, pos_temperature=20.0)
         self.num_queries = num_queries
         self.encoder = StandardEncoder(d_model, n_heads, dim_feedforward, dropout, enc_layers)
         self.decoder = ConditionalDecoder(d_model, n_heads, dim_feedforward, dropout, dec_layers, num_classes,
-                                          modulate_hw_attn)
+                                          modulate_hw_attn, anchor_pos_temperature)
         # DAB-DETR initialises its transformer with Xavier; the prediction heads keep their own init
         heads = {id(p) for m in (self.decoder.class_heads, self.decoder.box_heads) for p in m.parameters()}
         for p in list(self.encoder.parameters()) + list(self.decoder.parameters()):
             if p.dim() > 1 and id(p) not in heads:
                 nn.init.xavier_uniform_(p)
+        if positional_attention_init == "local":
+            local = local_attention_projection(d_model, n_heads)
+            for layer in self.decoder.layers:
+                layer.ca_qpos_sine.weight.data.copy_(local), nn.init.zeros_(layer.ca_qpos_sine.bias)
+                layer.ca_kpos.weight.data.copy_(local), nn.init.zeros_(layer.ca_kpos.bias)
+        elif positional_attention_init != "xavier":
+            raise ValueError(f"positional_attention_init must be xavier or local, got {positional_attention_init!r}")
         # learned anchors, stored in inverse-sigmoid space
         self.refpoint_embed = nn.Embedding(num_queries, 4)
         if random_refpoints_xy:   # DAB-DETR's option: uniform, frozen centres
             self.refpoint_embed.weight.data[:, :2].uniform_(0, 1)
             self.refpoint_embed.weight.data[:, :2] = torch.logit(self.refpoint_embed.weight.data[:, :2], eps=1e-5)
             self.refpoint_embed.weight.data[:, :2].requires_grad = False
+        if anchor_init_wh is not None:
+            # not DAB-DETR's (its anchors start at sigmoid(N(0,1)), about half the image): a
+            # short CPU schedule cannot move logits far (Adam moves ~lr per step), so anchors
+            # start at the data's small-object scale instead. Used by the mini size only.
+            self.refpoint_embed.weight.data[:, 2:] = torch.logit(torch.tensor(float(anchor_init_wh)))
         # denoising is not part of DAB-DETR; DN-DETR added it to the same architecture (optional)
         self.denoising = denoising
         self.dn_cfg = dict(num_dn_queries=num_dn_queries, label_noise_ratio=label_noise_ratio,

@@ -151,8 +151,9 @@ class ConditionalDecoder(BoxDecoder):
     """DAB-DETR decoder: anchors give positional queries, modulated by the anchor's w and h."""
 
     def __init__(self, d_model, n_heads, dim_feedforward, dropout, num_layers, num_classes,
-                 modulate_hw_attn=True, share_heads=True):
+                 modulate_hw_attn=True, anchor_pos_temperature=10000.0, share_heads=True):
         super().__init__(d_model, num_classes, num_layers, share_heads, refine=True, final_norm=True)
+        self.anchor_pos_temperature = anchor_pos_temperature
         self.layers = clones(ConditionalDecoderLayer(d_model, n_heads, dim_feedforward, dropout), num_layers)
         for layer in self.layers[1:]:
             layer.ca_qpos = None      # DAB-DETR adds the positional query to the content only in layer 1
@@ -167,7 +168,7 @@ class ConditionalDecoder(BoxDecoder):
         output, reference = content, anchors
         logits, boxes, states, references, attention = [], [], [], [], []
         for i, layer in enumerate(self.layers):
-            sine = sine_box_embedding(reference, d // 2).to(output.dtype)       # [B,T,2d]: y, x, w, h
+            sine = sine_box_embedding(reference, d // 2, self.anchor_pos_temperature).to(output.dtype)  # y, x, w, h
             query_pos = self.ref_point_head(sine)
             pos_scale = 1.0 if i == 0 else self.query_scale(output)
             query_sine = sine[..., :d] * pos_scale

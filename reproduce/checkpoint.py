@@ -147,11 +147,12 @@ def save_checkpoint(ckpt: dict, out_dir: str | Path, name: str = CHECKPOINT_NAME
 
 
 def find_resume(out_dir: str | Path, mode: str = "auto") -> Path | None:
-    """``<out>/checkpoint.pth`` when ``mode == "auto"`` and it exists; None for ``never``;
+    """``<out>/checkpoint.pth`` when ``mode`` is ``auto`` or ``unfinished`` and it exists (the
+    trainer starts over from a *finished* checkpoint under ``unfinished``); None for ``never``;
     any other value is a path that must exist."""
     if mode == "never":
         return None
-    if mode == "auto":
+    if mode in ("auto", "unfinished"):
         path = Path(out_dir) / CHECKPOINT_NAME
         return path if path.is_file() else None
     path = Path(mode)

@@ -83,7 +83,9 @@ def model_config(params: dict, detector: str, role: str, profile: str | None = N
     if role not in prof:
         raise ConfigError(f"profile has no {role!r} section")
     spec = prof[role] or {}
-    return detector_config(detector, spec.get("size", "paper"), **(spec.get("overrides") or {}))
+    # per_detector: {<detector>: {...}} is applied over overrides for that detector only
+    overrides = {**(spec.get("overrides") or {}), **((spec.get("per_detector") or {}).get(detector) or {})}
+    return detector_config(detector, spec.get("size", "paper"), **overrides)
 
 
 def count_images(json_path: str | Path) -> int:
@@ -129,6 +131,8 @@ def resolve_run(params: dict, detector: str, role: str, method: str = "student",
     data = {split: str(prepared / f"{split}.json") for split in SPLITS}
 
     train = {**TRAIN_DEFAULTS, **(prof.get("train") or {})}
+    # per_detector: {<detector>: {...}} is applied over the profile's schedule for that detector only
+    train.update((train.pop("per_detector", None) or {}).get(detector) or {})
     steps_key, epochs_key = ("teacher_steps", "teacher_epochs") if role == "teacher" else ("steps", "epochs")
     if not resolve_steps:
         steps = None

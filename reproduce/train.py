@@ -135,8 +135,13 @@ def train(cfg: dict, out_dir: str | Path, *, teacher: str | Path | None = None, 
     counters = {"skipped_nonfinite": 0, "train_time_s": 0.0, "sessions": 0}
     rng = None
     resume_path = ckpt_io.find_resume(out_dir, resume)
-    if resume_path is not None:
-        state = ckpt_io.load(resume_path)
+    state = ckpt_io.load(resume_path) if resume_path is not None else None
+    if state is not None and resume == "unfinished" and int(state["step"]) >= int(train_cfg["steps"]):
+        # a DVC stage reruns because a dependency changed: a finished run is stale, start over
+        if info.is_main:
+            log.info("%s holds a finished run: starting over (--resume unfinished)", resume_path)
+        resume_path = state = None
+    if state is not None:
         _check_resume_config(state.get("config") or {}, cfg)
         distiller.student.load_state_dict(state["model"])
         missing, unexpected = distiller.load_state_dict(state["kd"], strict=False)
@@ -311,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a params value (repeatable)")
     p.add_argument("--max-steps", type=int, help="stop after this global step (schedule unchanged)")
-    p.add_argument("--resume", default="auto", help="auto (continue <out>/checkpoint.pth if present), never, or a path")
+    p.add_argument("--resume", default="auto", help="auto (continue <out>/checkpoint.pth if present), unfinished (continue it "
+                   "unless it is finished, else start over: what DVC stages use), never, or a path")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p

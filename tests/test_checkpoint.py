@@ -76,6 +76,22 @@ def test_resume_after_kill_drops_stale_log_rows(tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_resume_unfinished_continues_a_partial_run_and_restarts_a_finished_one(tmp_path):
+    """DVC stages pass --resume unfinished: an interrupted run continues, but a finished run
+    (the stage reruns because a dependency changed) is trained again from step 0."""
+    prepared = make_toy_dataset(tmp_path / "data", n=4)
+    cfg = resolve_run(toy_params(prepared, steps=4, checkpoint_every=2), "dab_detr", "student")
+    out = tmp_path / "run"
+    train(cfg, out, resume="never", device="cpu", show_progress=False, max_steps=2)
+    partial = train(cfg, out, resume="unfinished", device="cpu", show_progress=False)
+    assert partial["resumed_from_step"] == 2 and partial["completed"]
+    again = train(cfg, out, resume="unfinished", device="cpu", show_progress=False)
+    assert again["resumed_from_step"] == 0 and again["steps"] == 4
+    assert [int(r["step"]) for r in csv.DictReader((out / "train_log.csv").open())] == [1, 2, 3, 4]
+    noop = train(cfg, out, resume="auto", device="cpu", show_progress=False)
+    assert noop["resumed_from_step"] == 4
+
+
 def _state(value: float) -> dict:
     return {"model": {"w": torch.full((3,), value)}, "step": int(value)}
 

@@ -89,6 +89,14 @@ def test_resolve_run_from_params_yaml():
     # KD runs train the student's model and know the teacher's
     kd = resolve_run(params, "dino", "student", method="clockdistill", profile="mini")
     assert kd["model"] == student["model"] and kd["teacher_model"] == teacher["model"]
+    # per_detector overrides reach only their detector
+    dab_teacher = resolve_run(params, "dab_detr", "teacher", profile="mini")
+    assert dab_teacher["model"]["num_queries"] == prof["teacher"]["per_detector"]["dab_detr"]["num_queries"]
+    assert teacher["model"]["num_queries"] == prof["teacher"]["overrides"]["num_queries"]
+    assert dab_teacher["model"]["d_model"] == 96
+    assert dab_teacher["train"]["steps"] == prof["train"]["per_detector"]["dab_detr"]["teacher_steps"]
+    assert resolve_run(params, "dab_detr", "student", profile="mini")["train"]["steps"] == prof["train"]["steps"]
+    assert "per_detector" not in teacher["train"]
     # method options: the profile's distill.<method> on top of the top-level one; -S lands there
     assert kd["distill"] == {**params["distill"]["clockdistill"], **prof["distill"]["clockdistill"]}
     ablated = resolve_run(params, "dino", "student", method="clockdistill", profile="mini",

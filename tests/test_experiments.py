@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from reproduce.claim import BASELINES, confidence_interval, evaluate_claim
-from reproduce.experiments import ABLATIONS, commands, plan
+from reproduce.experiments import ABLATIONS, commands, plan, stage_names, stale_pipeline_jobs
 
 PARAMS = {"profile": "mini", "seed": 0, "seeds": [0, 1, 2], "methods": list(BASELINES) + ["clockdistill"]}
 
@@ -59,3 +59,58 @@ def test_claim_holds_only_with_gain_interval_seeds_and_every_baseline():
     # two seeds are not enough
     two = [r for r in runs if r["seed"] < 2]
     assert not evaluate_claim(two)["detectors"]["dino"]["checks"]["enough_seeds"]
+
+
+def _flags(cmd: list[str]) -> dict:
+    """A command line as {module or flag: value}, order-free (`python` vs sys.executable aside)."""
+    tokens = cmd[1:]
+    out, i = {}, 0
+    while i < len(tokens):
+        if i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            out[tokens[i]] = tokens[i + 1]
+            i += 2
+        else:
+            out[tokens[i]] = True
+            i += 1
+    return out
+
+
+def _dvc_cmd(stage: dict, **values) -> list[str]:
+    cmd = stage.get("do", stage)["cmd"]
+    for key, value in values.items():
+        cmd = cmd.replace("${" + key + "}", str(value))
+    assert "${" not in cmd, cmd
+    return cmd.split()
+
+
+@pytest.mark.parametrize("run", ["teacher", "student", "clockdistill"])
+def test_pipeline_jobs_run_exactly_the_dvc_stage_commands(run):
+    """`make repro` runs stale stages through the driver and `dvc commit`s them: it must run
+    the very commands dvc.yaml declares."""
+    import yaml
+    stages = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
+    train_stage, evaluate_stage = {"teacher": "teacher@dino", "student": "student@dino",
+                                   "clockdistill": "distill@dino-clockdistill"}[run], f"evaluate@dino-{run}"
+    jobs = stale_pipeline_jobs(PARAMS, {train_stage}, ["dino"], Path("runs"), Path("results"))
+    job = next(j for j in jobs if j.run == run)
+    train, evaluate = commands(job, "mini", Path("runs"))
+    values = {"profile": "mini", "seed": 0}
+    if run in ("teacher", "student"):
+        expected_train = _dvc_cmd(stages[run], item="dino", **values)
+    else:
+        expected_train = _dvc_cmd(stages["distill"], **{"item.detector": "dino", "item.method": run}, **values)
+    expected_eval = _dvc_cmd(stages["evaluate"], **{"item.detector": "dino", "item.run": run}, **values)
+    assert _flags(train) == _flags(expected_train)
+    assert _flags(evaluate) == _flags(expected_eval)
+    assert evaluate_stage in stage_names("dino", run)
+
+
+def test_pipeline_carries_a_stale_teacher_to_its_kd_runs_and_evaluations_only():
+    jobs = stale_pipeline_jobs(PARAMS, {"teacher@dino", "evaluate@deformable_detr-fgd"},
+                               ["dino", "deformable_detr"], Path("runs"), Path("results"))
+    by_name = {(j.detector, j.run): j for j in jobs}
+    assert {run for det, run in by_name if det == "dino"} == {"teacher", *PARAMS["methods"]}
+    assert all(j.train and j.resume == "unfinished" for (det, _), j in by_name.items() if det == "dino")
+    fgd = by_name[("deformable_detr", "fgd")]
+    assert not fgd.train and [c[2] for c in commands(fgd, "mini", Path("runs"))] == ["reproduce.evaluate"]
+    assert ("dino", "student") not in by_name

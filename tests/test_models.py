@@ -138,3 +138,39 @@ def test_paper_scale_config_builds_and_runs(detector):
     assert len(out.cross_attention) == 6
     if detector != "dab_detr":
         assert out.num_levels == 4
+
+
+def test_local_positional_init_peaks_every_head_at_the_anchor():
+    """DAB-DETR's optional local init: with matched temperatures, each head's positional score
+    q_sine(anchor) . k_pos(cell) is largest at the cell that contains the anchor."""
+    from models.dab_detr import local_attention_projection
+    from models.position_encoding import sine_box_embedding, sine_position_embedding
+
+    d_model, n_heads, h, w = 64, 4, 8, 26
+    proj = local_attention_projection(d_model, n_heads)
+    assert torch.equal(proj.sum(0), torch.ones(d_model)) and torch.equal(proj.sum(1), torch.ones(d_model))
+    k_pos = sine_position_embedding(torch.zeros(1, h, w, dtype=torch.bool), d_model // 2, 20.0)
+    k_pos = (k_pos.flatten(2).transpose(1, 2)[0] @ proj.T).view(h * w, n_heads, -1)     # [S, H, E]
+    torch.manual_seed(0)
+    for anchor in torch.rand(20, 2):
+        q = (sine_box_embedding(anchor, d_model // 2, 20.0) @ proj.T).view(n_heads, -1)   # [H, E]
+        best = torch.einsum("he,she->hs", q, k_pos).argmax(-1)
+        cell = int(anchor[1] * h) * w + int(anchor[0] * w)
+        assert (best == cell).all(), (anchor, best, cell)
+    with pytest.raises(ValueError, match="divisible"):
+        local_attention_projection(64, 3)
+
+
+def test_dab_detr_short_schedule_options_only_in_the_mini_size():
+    from models.dab_detr import local_attention_projection
+    paper, mini = detector_config("dab_detr", "paper"), detector_config("dab_detr", "mini")
+    assert not {"anchor_init_wh", "anchor_pos_temperature", "positional_attention_init"} & set(paper)
+    model = build_detector(mini, num_classes=3)
+    local = local_attention_projection(mini["d_model"], mini["n_heads"])
+    assert all(torch.equal(layer.ca_kpos.weight, local) for layer in model.decoder.layers)
+    wh = model.refpoint_embed.weight[:, 2:].sigmoid()
+    assert torch.allclose(wh, torch.full_like(wh, mini["anchor_init_wh"]))
+    assert model.decoder.anchor_pos_temperature == 20.0
+    default = build_detector({**paper, "backbone": mini["backbone"], "d_model": 64, "n_heads": 4}, num_classes=3)
+    assert not torch.equal(default.decoder.layers[0].ca_kpos.weight, local)
+    assert default.decoder.anchor_pos_temperature == 10000.0
