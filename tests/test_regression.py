@@ -57,10 +57,11 @@ def test_every_stored_metric_is_from_the_profile_and_test_split():
 
 # The claim, as measured on the stored default-profile results (README, "Reproduction"). What
 # holds: CLoCKDistill beats the no-KD student with a 95% CI above 0 over >= 3 seeds, for all
-# three detectors. What does not: the +2.0 bar for DAB-DETR (+0.5 on a 0.2-AP student) and DINO,
-# and CLoCKDistill >= every (untuned) baseline. A change either way must be a deliberate update.
+# three detectors, and is >= every (untuned) baseline on DAB-DETR. What does not: the +2.0 bar for
+# DAB-DETR (+0.5 on a 0.2-AP student) and DINO, and CLoCKDistill >= every baseline on Deformable
+# DETR and DINO. A change either way must be a deliberate update.
 MEASURED_FAILING_CHECKS = {
-    "dab_detr": ["beats_every_baseline", "gain_at_least_min"],
+    "dab_detr": ["gain_at_least_min"],
     "deformable_detr": ["beats_every_baseline"],
     "dino": ["beats_every_baseline", "gain_at_least_min"],
 }
