@@ -205,15 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "pipeline":
         if args.profile or args.seeds or args.runs or args.params != "params.yaml":
             parser.error("pipeline runs dvc.yaml's stages: set the profile in params.yaml (dvc repro -S ...)")
-        jobs = stale_pipeline_jobs(params, dvc_stale_stages(), detectors, args.runs_root, args.results_root)
-        todo = list(jobs)
-    else:
-        jobs = plan(params, args.command, detectors, runs, seeds, args.runs_root, args.results_root)
-        todo = [j for j in jobs if not j.metrics.exists()]
-    if args.command == "pipeline":
+        todo = stale_pipeline_jobs(params, dvc_stale_stages(), detectors, args.runs_root, args.results_root)
         print(f"{len(todo)} pipeline runs out of date (dvc status): {sum(j.train for j in todo)} to train, "
               f"{sum(not j.train for j in todo)} to evaluate only")
     else:
+        jobs = plan(params, args.command, detectors, runs, seeds, args.runs_root, args.results_root)
+        todo = [j for j in jobs if not j.metrics.exists()]
         print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already have metrics, {len(todo)} to run")
     for job in todo:
         print("  " + job.name + ("" if job.train else " (evaluate only)"))
@@ -265,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.command == "pipeline":
         # record exactly the stages just run, as `dvc repro` would have after running them
-        stages = sorted({name for j in todo for name in stage_names(j.detector, j.run)[0 if j.train else 1:]})
+        stages = set()
+        for job in todo:
+            train_stage, evaluate_stage = stage_names(job.detector, job.run)
+            stages |= {train_stage, evaluate_stage} if job.train else {evaluate_stage}
+        stages = sorted(stages)
         result = dvc("commit", "--force", *stages)
         if result.returncode != 0:
             print(f"dvc commit failed: {result.stderr.strip()}", file=sys.stderr)
