@@ -58,6 +58,18 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return x & (2**63 - 1)
 
 
+def capped_workers(requested: int) -> int:
+    """DataLoader workers: the requested number, at most the cores this process may use minus
+    one (the main process), so that 4 workers on a 2-core machine do not oversubscribe it (and
+    PyTorch's warning about it is not triggered)."""
+    import os
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:          # not on Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(int(requested), cores - 1))
+
+
 class SeededSamples(Dataset):
     """Wraps a dataset so ``dataset[(epoch, index)]`` runs under RNGs seeded by (seed, epoch,
     index). The caller's global RNG states are restored afterwards (``num_workers=0`` loads in

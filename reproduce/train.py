@@ -38,8 +38,8 @@ from reproduce import checkpoint as ckpt_io
 from reproduce import distributed as du
 from reproduce.config import ConfigError, load_params, write_json
 from reproduce.engine import (CSVLog, MetricWindow, ModelEMA, ResumableBatchSampler, SeededSamples, amp_settings,
-                              build_optimizer, build_scheduler, seed_everything, targets_to, train_step,
-                              worker_init_fn)
+                              build_optimizer, build_scheduler, capped_workers, seed_everything, targets_to,
+                              train_step, worker_init_fn)
 from reproduce.runconfig import resolve_run
 
 log = logging.getLogger("reproduce.train")
@@ -73,7 +73,7 @@ def build_loader(dataset, cfg: dict, info: du.DistInfo) -> tuple[DataLoader, Res
     generator = torch.Generator()
     generator.manual_seed(seed + 1000 * info.rank)
     from reproduce.transforms import collate
-    workers = int(train.get("num_workers", 0))
+    workers = capped_workers(int(train.get("num_workers", 0)))
     loader = DataLoader(SeededSamples(dataset, seed), batch_sampler=batch_sampler, collate_fn=collate,
                         num_workers=workers, worker_init_fn=worker_init_fn, generator=generator,
                         pin_memory=info.device.type == "cuda", persistent_workers=workers > 0)

@@ -1,22 +1,70 @@
 """Regression checks against stored results produced by the code itself."""
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 
-from reproduce.regression import STORED, short_run
+import models.build
+import models.transformer
+from reproduce.regression import SHORT_RUNS, load_stored, mismatches, short_run
 
-STORED_RUNS = json.loads(STORED.read_text())
+STORED_RUNS = load_stored()
+TOLERANCE = STORED_RUNS["tolerance_rel"]
 
 
 @pytest.mark.parametrize("detector", sorted(STORED_RUNS["results"]))
-def test_short_run_reproduces_stored_ap(detector):
+def test_short_run_reproduces_stored_trajectory(detector):
     stored = STORED_RUNS["results"][detector]
-    now = short_run(detector, seed=stored["seed"])
-    tol = STORED_RUNS["tolerance_AP"]
-    assert abs(now["AP"] - stored["AP"]) <= tol, f"{detector}: AP {now['AP']} vs stored {stored['AP']} (tol {tol})"
-    assert abs(now["AP50"] - stored["AP50"]) <= 2 * tol
+    now = short_run(detector, seed=stored["seed"], steps=stored["steps"])
+    bad = mismatches(now, stored, TOLERANCE)
+    assert not bad, f"{detector}: {len(bad)} values moved:\n" + "\n".join(bad[:10])
+
+
+def test_tolerance_is_derived_from_a_measured_spread():
+    spread = STORED_RUNS["spread"]
+    assert len(spread["variants"]) >= 4 and {v["threads"] for v in spread["variants"]} == {1, 2}
+    assert TOLERANCE == spread["tolerance"] >= spread["max_relative_difference"]
+
+
+# --- the check is sensitive: each kind of real change makes it fail --------------------------
+
+def _changed_loss_weight(monkeypatch, detector):
+    weights = {**models.build.LOSS_WEIGHTS[detector]}
+    weights["loss_giou"] *= 1.1
+    monkeypatch.setitem(models.build.LOSS_WEIGHTS, detector, weights)
+
+
+def _changed_init(monkeypatch, detector):
+    original = models.transformer.prediction_heads
+
+    def heads(*args, **kwargs):        # a class prior of 0.018 instead of 0.01
+        class_heads, box_heads = original(*args, **kwargs)
+        for head in class_heads:
+            head.bias.data.fill_(-4.0)
+        return class_heads, box_heads
+
+    monkeypatch.setattr(models.transformer, "prediction_heads", heads)
+
+
+def _changed_matcher_cost(monkeypatch, detector):
+    monkeypatch.setattr(models.build, "HungarianMatcher",
+                        functools.partial(models.build.HungarianMatcher, cost_bbox=4.0))
+
+
+@pytest.mark.parametrize("change", [_changed_loss_weight, _changed_init, _changed_matcher_cost],
+                         ids=["loss_weight", "init", "matcher_cost"])
+def test_short_run_check_fails_on_a_real_change(monkeypatch, change):
+    detector = "deformable_detr"
+    stored = STORED_RUNS["results"][detector]
+    change(monkeypatch, detector)
+    now = short_run(detector, seed=stored["seed"], steps=stored["steps"])
+    assert mismatches(now, stored, TOLERANCE), f"{change.__name__} went unnoticed"
+
+
+def test_every_detector_has_a_stored_trajectory():
+    assert sorted(STORED_RUNS["results"]) == sorted(SHORT_RUNS)
 
 
 # --- stored pipeline results: tables and claim agree with the stored metrics -----------------
