@@ -56,6 +56,7 @@ def aligned_layer(student_layer: int, student_layers: int, teacher_layers: int) 
 class CLoCKDistill(Distiller):
     name = "clockdistill"
     needs_teacher = True
+    DEFAULTS = DEFAULTS
 
     def __init__(self, student, criterion, teacher=None, cfg=None):
         super().__init__(student, criterion, teacher, {**DEFAULTS, **(cfg or {})})

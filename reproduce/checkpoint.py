@@ -68,8 +68,22 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used for what it was given for; the message names the file."""
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    return torch.load(Path(path), map_location=map_location, weights_only=True)
+    """``torch.load(weights_only=True)``; a missing, corrupt or foreign file is a
+    :class:`CheckpointError` naming it. The error never suggests ``weights_only=False``: loading
+    a stranger's file that way would run whatever code it holds."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:       # unpickling, zip and tensor errors have no common base
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}): corrupt, truncated, "
+                              "or not written by torch.save of tensors and plain types") from None
 
 
 # ---------------------------------------------------------------------------- RNG states
@@ -174,16 +188,84 @@ def load_model_state(path: str | Path, prefer_ema: bool = True) -> tuple[dict, d
     present and ``prefer_ema``) or a bare state_dict; loaded with ``weights_only=True``."""
     obj = load(path)
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: not a checkpoint (got {type(obj).__name__})")
+        raise CheckpointError(f"{path}: not a checkpoint of this project (holds a {type(obj).__name__})")
     if "model" in obj and isinstance(obj["model"], dict):
         meta = dict(obj.get("meta") or {})
-        if "config" in obj:
-            meta.setdefault("config", obj["config"])
+        if isinstance(obj.get("config"), dict):       # a training checkpoint: meta from its run config
+            config = obj["config"]
+            total = (config.get("train") or {}).get("steps")
+            meta.setdefault("config", config)
             meta.setdefault("steps", obj.get("step"))
+            for key, value in (("detector", config.get("detector")), ("role", config.get("role")),
+                               ("method", config.get("method")), ("model_cfg", config.get("model")),
+                               ("total_steps", total)):
+                meta.setdefault(key, value)
+            if total is not None and obj.get("step") is not None:
+                meta.setdefault("completed", int(obj["step"]) >= int(total))
         ema = obj.get("ema")
         if prefer_ema and isinstance(ema, dict) and ema.get("model"):
             return ema["model"], {**meta, "ema": True}
         return obj["model"], meta
     if all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj, {}
-    raise ValueError(f"{path}: no model weights found (keys {sorted(obj)[:5]})")
+    raise CheckpointError(f"{path}: not a checkpoint of this project (no model weights; keys {sorted(obj)[:5]})")
+
+
+def load_detector(path: str | Path, detector: str, model_cfg: dict | None = None, num_classes: int | None = None,
+                  *, require_completed: bool = False, what: str = "checkpoint",
+                  default_cfg: dict | None = None) -> tuple[torch.nn.Module, dict]:
+    """``(model, meta)``: the detector stored in ``path`` (EMA weights preferred), checked
+    against what the caller expects before anything is built on it.
+
+    ``detector``: the family the caller needs. ``model_cfg``: the config the caller would build
+    (a teacher must be the profile's teacher); None takes the file's own. ``num_classes``: the
+    dataset's (None: the file's). ``require_completed``: refuse a run that stopped before the end
+    of its schedule. ``what`` names the role in messages ("teacher", "checkpoint").
+    ``default_cfg``: what to build when the file holds no config (a bare state_dict). Every
+    mismatch is a :class:`CheckpointError` naming the file and the first differences.
+    """
+    from models.build import build_detector
+
+    state, meta = load_model_state(path)
+    saved = meta.get("detector")
+    if saved and saved != detector:
+        raise CheckpointError(f"{path}: holds a {saved} model, but the {what} must be a {detector}")
+    saved_cfg = meta.get("model_cfg")
+    if saved_cfg and model_cfg and saved_cfg != model_cfg:
+        raise CheckpointError(f"{path}: its {detector} is not the profile's {what} model ("
+                              + "; ".join(config_differences(saved_cfg, model_cfg)[:4]) + ")")
+    saved_classes = meta.get("num_classes")
+    if saved_classes and num_classes and int(saved_classes) != int(num_classes):
+        raise CheckpointError(f"{path}: trained for {saved_classes} classes, the dataset has {num_classes}")
+    if require_completed and meta.get("completed") is False:
+        raise CheckpointError(f"{path}: its run stopped at step {meta.get('steps')} of {meta.get('total_steps')}; "
+                              "finish it first (rerun its train command) or pass --allow-unfinished-teacher")
+    cfg = saved_cfg or model_cfg or default_cfg
+    if cfg is None:
+        raise CheckpointError(f"{path}: holds no model config; give the config to build")
+    classes = int(num_classes or saved_classes or 0)
+    if classes < 1:
+        raise CheckpointError(f"{path}: holds no class count; give the dataset's")
+    model = build_detector(cfg, classes)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        first = (missing or unexpected or shapes)[0]
+        raise CheckpointError(f"{path}: its weights do not fit a {detector} of this config ({len(missing)} missing, "
+                              f"{len(unexpected)} unexpected, {len(shapes)} of another shape; first: {first})")
+    model.load_state_dict(state)
+    return model, meta
+
+
+def config_differences(saved: dict, expected: dict, prefix: str = "") -> list[str]:
+    """``"key: saved vs expected"`` for every differing (nested) key."""
+    out = []
+    for key in sorted(set(saved) | set(expected), key=str):
+        a, b = saved.get(key), expected.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} in the file vs {b!r}")
+    return out

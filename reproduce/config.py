@@ -1,6 +1,7 @@
 """Reading params.yaml: safe YAML, dotted overrides, and a clear error for a missing key."""
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 from pathlib import Path
@@ -13,6 +14,14 @@ PARAMS_FILE = Path("params.yaml")
 
 class ConfigError(ValueError):
     """A params file or override that cannot be used; the message names the key."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (argparse prints the whole usage first, which
+    for our long option lists buries the error)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def load_params(path: str | Path = PARAMS_FILE, overrides: list[str] | None = None) -> dict:

@@ -312,6 +312,50 @@ def train_step(model: nn.Module, distiller, images: Tensor, pad_mask: Tensor, ta
             "grad_norm": grad_norm, "skipped": skip}
 
 
+# ---------------------------------------------------------------------------- preemption
+
+PREEMPTED_EXIT_CODE = 75        # EX_TEMPFAIL: "try again later"; rerunning the command resumes
+
+
+class PreemptionNotice:
+    """Records SIGTERM / SIGUSR1 (what SLURM and most schedulers send before killing a job) so
+    that training stops at the next step boundary with a checkpoint, instead of dying mid-step.
+
+    Used as a context manager around the loop; the previous handlers come back on exit. Only the
+    main thread may install handlers, so elsewhere (a notebook's worker thread) it stays inert.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame) -> None:
+        import signal
+        self.signal_name = signal.Signals(signum).name
+
+    def __enter__(self) -> "PreemptionNotice":
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                if hasattr(signal, name):
+                    sig = getattr(signal, name)
+                    self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def requested(self) -> bool:
+        """True on every rank when any rank got the signal (ranks must stop at the same step)."""
+        return du.any_true(self.signal_name is not None)
+
+
 # ---------------------------------------------------------------------------- metrics log
 
 class MetricWindow:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from models.box_ops import box_cxcywh_to_xyxy
-from reproduce.config import ConfigError, load_params, write_json
+from reproduce.config import ConfigError, OneLineParser, load_params, write_json
 
 MAX_DETS = 100
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -179,7 +179,7 @@ def evaluate_model(model: nn.Module, dataset, batch_size: int = 4, device: str |
 # ---------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m reproduce.evaluate", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m reproduce.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True, help="model.pth or checkpoint.pth")
     p.add_argument("--detector", required=True, choices=("dab_detr", "deformable_detr", "dino"))
     p.add_argument("--role", choices=("teacher", "student"),
@@ -200,31 +200,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from models.build import build_detector
-    from reproduce.checkpoint import load_model_state
+    from reproduce.checkpoint import CheckpointError, load_detector
     from reproduce.datasets import DetectionDataset
     from reproduce.runconfig import resolve_run
     from reproduce.transforms import build_transforms
 
     try:
         params = load_params(args.params)
-        state, meta = load_model_state(args.checkpoint)
-        role = args.role or meta.get("role") or "student"
-        cfg = resolve_run(params, args.detector, role, overrides=args.overrides, profile=args.profile,
-                          resolve_steps=False)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+        cfg = resolve_run(params, args.detector, args.role or "student", overrides=args.overrides,
+                          profile=args.profile, resolve_steps=False)
+        split = args.split or cfg["eval"].get("split", "val")
+        json_path = cfg["data"].get(split) or str(Path(cfg["data"]["train"]).with_name(f"{split}.json"))
+        dataset = DetectionDataset(json_path, transforms=build_transforms(False, cfg["image"]))
+        # the file's own model config; the profile's only for a bare state_dict
+        model, meta = load_detector(args.checkpoint, args.detector, num_classes=dataset.num_classes,
+                                    default_cfg=cfg["model"])
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 1
-    split = args.split or cfg["eval"].get("split", "val")
-    json_path = cfg["data"].get(split) or str(Path(cfg["data"]["train"]).with_name(f"{split}.json"))
-    dataset = DetectionDataset(json_path, transforms=build_transforms(False, cfg["image"]))
-    model_cfg = meta.get("model_cfg") or cfg["model"]
-    if meta.get("detector") and meta["detector"] != args.detector:
-        print(f"evaluate: error: {args.checkpoint} holds a {meta['detector']} model", file=sys.stderr)
-        return 1
-    num_classes = int(meta.get("num_classes") or dataset.num_classes)
-    model = build_detector(model_cfg, num_classes)
-    model.load_state_dict(state)
+    role = args.role or meta.get("role") or "student"
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     batch_size = args.batch_size or int(cfg["eval"].get("batch_size", 4))

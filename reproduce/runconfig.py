@@ -8,6 +8,8 @@ dict is stored in checkpoints and summaries, so a result can always be traced to
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
 import json
 import re
 from pathlib import Path
@@ -71,8 +73,120 @@ def apply_overrides(params: dict, overrides: list[str] | dict | None, profile: s
         # top level, the profile's options are the ones that win)
         if head in PROFILE_KEYS:
             key = f"profiles.{profile}.{key}"
+        check_override(params, key, value)
         set_dotted(params, key, value)
     return params
+
+
+# ---------------------------------------------------------------------------- override checks
+# A typo in -S must not train the default silently: every key must exist in params.yaml (or be
+# a documented option of the section it lands in) and keep its value's type.
+
+#: optional keys of a section that params.yaml may leave out, by the section's last key
+OPTIONAL_KEYS = {
+    "train": set(TRAIN_DEFAULTS) | {"steps", "teacher_steps", "epochs", "teacher_epochs", "per_detector"},
+    "student": {"size", "overrides", "per_detector"},
+    "teacher": {"size", "overrides", "per_detector"},
+    "eval": {"split", "batch_size"},
+}
+#: sections whose keys are free (checked where they are used: model overrides in model_config,
+#: per-detector schedules by the train keys, class maps by the dataset)
+OPEN_SECTIONS = {"overrides", "per_detector", "class_map"}
+_TYPES = {bool: (bool,), int: (int,), float: (int, float), str: (str,), list: (list,), dict: (dict,)}
+
+
+def _typo_hint(part: str, valid) -> str:
+    valid = sorted(map(str, valid))
+    close = difflib.get_close_matches(part, valid, n=1)
+    return (f"did you mean {close[0]!r}? " if close else "") + f"valid keys there: {', '.join(valid)}"
+
+
+def check_override(params: dict, key: str, value: Any) -> None:
+    """Raise :class:`ConfigError` if ``key`` (dotted, already routed to its profile) is not a
+    key of ``params`` or of its section's optional keys, or if ``value`` changes the type."""
+    parts = key.split(".")
+    node: Any = params
+    shown = key.replace(f"profiles.{parts[1]}.", "", 1) if parts[0] == "profiles" and len(parts) > 2 else key
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth]) or "params.yaml"
+        if depth and parts[depth - 1] in OPEN_SECTIONS:
+            return
+        if depth >= 2 and parts[depth - 2] == "distill":             # distill.<method>.<option>
+            options = method_defaults(parts[depth - 1])
+            if part not in options:
+                raise ConfigError(f"-S {shown}: {parts[depth - 1]} has no option {part!r}; {_typo_hint(part, options)}")
+            default = options[part] if not isinstance(node, dict) or part not in node else node[part]
+            _check_type(shown, default, value)
+            return
+        if depth >= 1 and parts[depth - 1] == "distill" and part not in (node or {}):
+            method_defaults(part)                                      # an unknown method is an error
+            node = {}
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"-S {shown}: {where} is a value, not a section")
+        if part not in node:
+            optional = OPTIONAL_KEYS.get(parts[depth - 1], set()) if depth else set()
+            if depth == 2 and parts[0] == "profiles":
+                optional = set(PROFILE_KEYS)
+            if part in optional:
+                if depth + 1 < len(parts):                           # a section params.yaml leaves out
+                    node = {}
+                    continue
+                _check_type(shown, TRAIN_DEFAULTS.get(part) if parts[depth - 1] == "train" else None, value)
+                return
+            hint = _typo_hint(part, set(node) | optional)
+            if depth == 0 and part in _model_option_names():
+                hint = f"model options go under student.overrides.{shown} or teacher.overrides.{shown}; " + hint
+            raise ConfigError(f"-S {shown}: unknown key {part!r} in {where}; {hint}")
+        node = node[part]
+    _check_type(shown, node, value)
+
+
+def _check_type(key: str, current: Any, value: Any) -> None:
+    if current is None or value is None:
+        return
+    allowed = _TYPES.get(type(current))
+    bad_bool = isinstance(value, bool) and not isinstance(current, bool)
+    if allowed and (bad_bool or not isinstance(value, allowed)):
+        raise ConfigError(f"-S {key}={value!r}: expected {type(current).__name__} like {current!r}, "
+                          f"got {type(value).__name__}")
+
+
+def method_defaults(method: str) -> dict:
+    """A distillation method's options and their defaults (``<Distiller>.DEFAULTS``)."""
+    from distill import METHODS
+    if method not in METHODS:
+        raise ConfigError(f"unknown distillation method {method!r}; {_typo_hint(method, METHODS)}")
+    return dict(getattr(METHODS[method], "DEFAULTS", None) or {})
+
+
+def check_model_overrides(detector: str, overrides: dict) -> None:
+    """Model override keys must be constructor arguments of the detector (or of its backbone):
+    the detectors accept and ignore unknown keywords, so a typo would build the default."""
+    from models.backbone import Backbone
+    from models.build import DETECTORS
+    if detector not in DETECTORS:
+        raise ConfigError(f"unknown detector {detector!r}; {_typo_hint(detector, DETECTORS)}")
+    model_keys = _arguments(DETECTORS[detector]) | {"backbone"}
+    for key, value in overrides.items():
+        if key not in model_keys:
+            raise ConfigError(f"model override {key!r}: not an option of {detector}; {_typo_hint(key, model_keys)}")
+        if key == "backbone" and isinstance(value, dict):
+            backbone_keys = _arguments(Backbone)
+            for sub in value:
+                if sub not in backbone_keys:
+                    raise ConfigError(f"model override backbone.{sub}: not a backbone option; "
+                                      f"{_typo_hint(sub, backbone_keys)}")
+
+
+def _model_option_names() -> set[str]:
+    from models.build import DETECTORS
+    return set().union(*(_arguments(cls) for cls in DETECTORS.values())) | {"backbone"}
+
+
+def _arguments(cls) -> set[str]:
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self", "num_classes"}
 
 
 def model_config(params: dict, detector: str, role: str, profile: str | None = None) -> dict:
@@ -85,7 +199,11 @@ def model_config(params: dict, detector: str, role: str, profile: str | None = N
     spec = prof[role] or {}
     # per_detector: {<detector>: {...}} is applied over overrides for that detector only
     overrides = {**(spec.get("overrides") or {}), **((spec.get("per_detector") or {}).get(detector) or {})}
-    return detector_config(detector, spec.get("size", "paper"), **overrides)
+    check_model_overrides(detector, overrides)
+    try:
+        return detector_config(detector, spec.get("size", "paper"), **overrides)
+    except ValueError as err:
+        raise ConfigError(f"profile {role}: {err}") from None
 
 
 def count_images(json_path: str | Path) -> int:

@@ -32,12 +32,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from distill import build_distiller
+from distill import METHODS, build_distiller
 from models.build import build_criterion, build_detector
 from reproduce import checkpoint as ckpt_io
 from reproduce import distributed as du
-from reproduce.config import ConfigError, load_params, write_json
-from reproduce.engine import (CSVLog, MetricWindow, ModelEMA, ResumableBatchSampler, SeededSamples, amp_settings,
+from reproduce.config import ConfigError, OneLineParser, load_params, write_json
+from reproduce.engine import (PREEMPTED_EXIT_CODE, CSVLog, MetricWindow, ModelEMA, PreemptionNotice,
+                              ResumableBatchSampler, SeededSamples, amp_settings,
                               build_optimizer, build_scheduler, capped_workers, seed_everything, targets_to,
                               train_step, worker_init_fn)
 from reproduce.runconfig import resolve_run
@@ -54,15 +55,17 @@ def build_train_dataset(cfg: dict):
     return DetectionDataset(cfg["data"]["train"], transforms=build_transforms(True, cfg["image"]))
 
 
-def load_teacher(path: str | Path, model_cfg: dict, num_classes: int) -> torch.nn.Module:
-    """The teacher model of the *teacher* role config with its trained weights (EMA if any)."""
-    state, meta = ckpt_io.load_model_state(path, prefer_ema=True)
-    saved_cfg = meta.get("model_cfg")
-    if saved_cfg and saved_cfg != model_cfg:
-        log.warning("teacher checkpoint %s was trained with model config %s; building %s", path, saved_cfg,
-                    model_cfg)
-    teacher = build_detector(model_cfg, num_classes)
-    teacher.load_state_dict(state)
+def load_teacher(path: str | Path, cfg: dict, num_classes: int, allow_unfinished: bool = False) -> torch.nn.Module:
+    """The profile's teacher with its trained weights (EMA if any). The file must hold a model
+    of the run's detector with the profile's teacher config and class count, from a finished
+    run unless ``allow_unfinished`` (then a warning says how far it got)."""
+    if not cfg.get("teacher_model"):
+        raise ConfigError("the profile has no teacher section to build the teacher from")
+    teacher, meta = ckpt_io.load_detector(path, cfg["detector"], cfg["teacher_model"], num_classes,
+                                          require_completed=not allow_unfinished, what="teacher")
+    if meta.get("completed") is False:
+        log.warning("teacher %s stopped at step %s of %s (--allow-unfinished-teacher)", path, meta.get("steps"),
+                    meta.get("total_steps"))
     return teacher
 
 
@@ -92,33 +95,29 @@ def _check_resume_config(saved: dict, cfg: dict) -> None:
 
 def train(cfg: dict, out_dir: str | Path, *, teacher: str | Path | None = None, max_steps: int | None = None,
           resume: str = "auto", device: str | None = None, dataset=None, show_progress: bool = True,
-          return_distiller: bool = False):
+          return_distiller: bool = False, allow_unfinished_teacher: bool = False):
     """Run (or continue) one training run described by ``cfg`` (from :func:`resolve_run`).
 
     ``dataset``: a ready training dataset (tests); default: the prepared train split with the
     profile's training transforms. Returns the summary dict (rank 0 writes it to disk), and the
-    trained distiller too with ``return_distiller``.
+    trained distiller too with ``return_distiller``. On SIGTERM or SIGUSR1 (a scheduler's
+    notice) the run checkpoints at the next step boundary and returns with ``preempted`` set.
     """
     out_dir = Path(out_dir)
     info = du.init_distributed(device)
     dev = info.device
     train_cfg = cfg["train"]
     seed = int(cfg["seed"])
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    du.barrier()
 
     # ---- data, model, teacher: identical initialisation on every rank ----------------------
+    # (all of it before --out exists: a run that cannot start leaves nothing behind)
     seed_everything(seed)
     dataset = dataset if dataset is not None else build_train_dataset(cfg)
     num_classes = int(dataset.num_classes)
     student = build_detector(cfg["model"], num_classes)
     criterion = build_criterion(cfg["detector"], num_classes)
-    teacher_model = None
-    if teacher is not None:
-        if not cfg.get("teacher_model"):
-            raise ConfigError("the profile has no teacher section to build the teacher from")
-        teacher_model = load_teacher(teacher, cfg["teacher_model"], num_classes)
+    # after the student: building the teacher draws from the RNG the student's init used
+    teacher_model = load_teacher(teacher, cfg, num_classes, allow_unfinished_teacher) if teacher is not None else None
     distiller = build_distiller(cfg["method"], student, criterion, teacher=teacher_model, cfg=cfg.get("distill"))
     distiller.to(dev)
     distiller.train()
@@ -129,6 +128,10 @@ def train(cfg: dict, out_dir: str | Path, *, teacher: str | Path | None = None, 
     scaler = torch.amp.GradScaler("cuda", enabled=True) if needs_scaler else None
     ema = ModelEMA(distiller.student, float(train_cfg.get("ema_decay", 0.9997))) if train_cfg.get("ema") else None
     loader, batch_sampler, loader_gen = build_loader(dataset, cfg, info)
+
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    du.barrier()
 
     # ---- resume ------------------------------------------------------------------------------
     step, epoch, batch_in_epoch = 0, 0, 0
@@ -207,58 +210,70 @@ def train(cfg: dict, out_dir: str | Path, *, teacher: str | Path | None = None, 
     window = MetricWindow()
     last_row: dict = {}
     session_steps = 0
+    preempted: str | None = None
     t0 = time.perf_counter()
-    while step < stop_at:
-        if batch_in_epoch >= batch_sampler.batches_per_epoch():
-            epoch, batch_in_epoch = epoch + 1, 0
-        batch_sampler.set_epoch(epoch, batch_in_epoch)
-        for images, pad_mask, targets in loader:
-            images = images.to(dev, non_blocking=True)
-            pad_mask = pad_mask.to(dev, non_blocking=True)
-            targets = targets_to(targets, dev)
-            out = train_step(model, distiller, images, pad_mask, targets, optimizer, clip_max_norm=clip,
-                             scaler=scaler, amp_dtype=amp_dtype)
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            step += 1
-            batch_in_epoch += 1
-            session_steps += 1
-            if out["skipped"]:
-                counters["skipped_nonfinite"] += 1
-                window.skipped += 1
+    with PreemptionNotice() as notice:
+        while step < stop_at and preempted is None:
+            if batch_in_epoch >= batch_sampler.batches_per_epoch():
+                epoch, batch_in_epoch = epoch + 1, 0
+            batch_sampler.set_epoch(epoch, batch_in_epoch)
+            for images, pad_mask, targets in loader:
+                images = images.to(dev, non_blocking=True)
+                pad_mask = pad_mask.to(dev, non_blocking=True)
+                targets = targets_to(targets, dev)
+                out = train_step(model, distiller, images, pad_mask, targets, optimizer, clip_max_norm=clip,
+                                 scaler=scaler, amp_dtype=amp_dtype)
+                lr = optimizer.param_groups[0]["lr"]
+                scheduler.step()
+                step += 1
+                batch_in_epoch += 1
+                session_steps += 1
+                if out["skipped"]:
+                    counters["skipped_nonfinite"] += 1
+                    window.skipped += 1
+                    if info.is_main:
+                        pbar.write(f"step {step}: non-finite loss ({out['loss']}) or gradient norm "
+                                   f"({out['grad_norm']}) on some rank; step skipped "
+                                   f"({counters['skipped_nonfinite']} so far)")
+                else:
+                    if ema is not None:
+                        ema.update(distiller.student)
+                    window.add({**out["losses"], "loss": out["loss"], "grad_norm": out["grad_norm"]})
+                if step % log_every == 0 or step == stop_at:
+                    last_row = _log_row(window, step, epoch, lr)
+                    if info.is_main:
+                        csv_log.append(last_row)
+                        pbar.set_postfix(loss=f"{last_row.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}")
+                    window.reset()
                 if info.is_main:
-                    pbar.write(f"step {step}: non-finite loss ({out['loss']}) or gradient norm "
-                               f"({out['grad_norm']}) on some rank; step skipped "
-                               f"({counters['skipped_nonfinite']} so far)")
+                    pbar.update(1)
+                saved = (ckpt_every and step % ckpt_every == 0) or step == stop_at
+                if saved:
+                    save(step)
+                if notice.requested():
+                    preempted = notice.signal_name or "a signal on another rank"
+                    if not saved:
+                        save(step)
+                    break
+                if step >= stop_at:
+                    break
             else:
-                if ema is not None:
-                    ema.update(distiller.student)
-                window.add({**out["losses"], "loss": out["loss"], "grad_norm": out["grad_norm"]})
-            if step % log_every == 0 or step == stop_at:
-                last_row = _log_row(window, step, epoch, lr)
-                if info.is_main:
-                    csv_log.append(last_row)
-                    pbar.set_postfix(loss=f"{last_row.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}")
-                window.reset()
-            if info.is_main:
-                pbar.update(1)
-            if (ckpt_every and step % ckpt_every == 0) or step == stop_at:
-                save(step)
-            if step >= stop_at:
-                break
-        else:
-            epoch, batch_in_epoch = epoch + 1, 0
+                epoch, batch_in_epoch = epoch + 1, 0
     pbar.close()
     session_time = time.perf_counter() - t0
     counters["train_time_s"] = counters["train_time_s"] + session_time
     if session_steps == 0 and info.is_main:
         log.info("nothing to train: already at step %d of %d", step, stop_at)
+    if preempted is not None and info.is_main:
+        log.warning("%s: checkpointed at step %d of %d in %s; rerun the same command to resume", preempted, step,
+                    total_steps, out_dir / ckpt_io.CHECKPOINT_NAME)
 
     completed = step >= total_steps
     summary = {
         "steps": step,
         "total_steps": total_steps,
         "completed": completed,
+        "preempted": preempted,
         "resumed_from_step": resumed_from,
         "session_steps": session_steps,
         "session_time_s": session_time,
@@ -303,12 +318,15 @@ def _log_row(window: MetricWindow, step: int, epoch: int, lr: float) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m reproduce.train", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="python -m reproduce.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--detector", required=True, choices=("dab_detr", "deformable_detr", "dino"))
     p.add_argument("--role", required=True, choices=("teacher", "student"))
-    p.add_argument("--method", default="student", help="student (no KD) or a distillation method")
+    p.add_argument("--method", default="student", choices=sorted(METHODS),
+                   help="student (no KD) or a distillation method")
     p.add_argument("--teacher", type=Path, help="teacher model.pth / checkpoint.pth (KD methods)")
+    p.add_argument("--allow-unfinished-teacher", action="store_true",
+                   help="accept a teacher whose run stopped before the end of its schedule")
     p.add_argument("--out", type=Path, required=True, help="run directory, e.g. runs/mini/dino/student")
     p.add_argument("--seed", type=int, help="overrides params seed")
     p.add_argument("--profile", help="overrides params profile")
@@ -336,9 +354,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                           world_size=world)
         if args.method != "student" and args.teacher is None:
             raise ConfigError(f"method {args.method!r} needs --teacher")
+        if args.method == "student" and args.teacher is not None:
+            raise ConfigError("--teacher is for distillation methods; --method student trains without one")
         summary = train(cfg, args.out, teacher=args.teacher, max_steps=args.max_steps, resume=args.resume,
-                        device=args.device, show_progress=not args.no_progress)
-    except (ConfigError, FileNotFoundError) as err:
+                        device=args.device, show_progress=not args.no_progress,
+                        allow_unfinished_teacher=args.allow_unfinished_teacher)
+    except (ConfigError, ckpt_io.CheckpointError, FileNotFoundError) as err:
         print(f"train: error: {err}", file=sys.stderr)
         return 1
     finally:
@@ -348,6 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trained {summary['steps']}/{summary['total_steps']} steps "
               f"({summary['skipped_nonfinite_steps']} skipped), "
               f"{s_per_step if s_per_step is None else round(s_per_step, 4)} s/step -> {args.out}")
+    if summary.get("preempted"):
+        print(f"train: stopped by {summary['preempted']} at step {summary['steps']}; rerun the same command to "
+              f"resume (exit code {PREEMPTED_EXIT_CODE})", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     return 0
 
 

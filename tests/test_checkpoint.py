@@ -211,3 +211,47 @@ def test_training_state_rejects_teacher_keys():
     with pytest.raises(RuntimeError, match="teacher"):
         ckpt_io.training_state(student=lin, kd_state={"teacher.w": torch.zeros(1)}, optimizer=opt,
                                scheduler=sched, step=0, epoch=0, batch_in_epoch=0, rng_states=[])
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+def test_preemption_signal_checkpoints_and_resumes_bitwise(tmp_path, monkeypatch, capsys, signal_name):
+    """A scheduler's SIGTERM / SIGUSR1 mid-run: the run checkpoints at the next step boundary
+    and exits with PREEMPTED_EXIT_CODE; rerunning the same command gives the weights of an
+    uninterrupted run."""
+    import signal
+
+    import yaml
+
+    from reproduce import train as train_cli
+    from reproduce.engine import PREEMPTED_EXIT_CODE
+    prepared = make_toy_dataset(tmp_path / "data", n=6)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(toy_params(prepared, steps=6, checkpoint_every=100, log_every=1)))
+
+    def args(out):
+        return ["--detector", "dino", "--role", "student", "--out", str(out), "--params", str(params_file),
+                "--device", "cpu", "--no-progress"]
+
+    assert train_cli.main(args(tmp_path / "full")) == 0
+    real_step, calls = train_cli.train_step, []
+
+    def step_then_signal(*a, **k):
+        out = real_step(*a, **k)
+        calls.append(1)
+        if len(calls) == 3:          # the notice arrives during step 3
+            os.kill(os.getpid(), getattr(signal, signal_name))
+        return out
+
+    monkeypatch.setattr(train_cli, "train_step", step_then_signal)
+    before = signal.getsignal(getattr(signal, signal_name))
+    part = tmp_path / "part"
+    assert train_cli.main(args(part)) == PREEMPTED_EXIT_CODE
+    assert f"stopped by {signal_name} at step 3" in capsys.readouterr().err
+    assert ckpt_io.load(part / "checkpoint.pth")["step"] == 3
+    assert signal.getsignal(getattr(signal, signal_name)) == before     # the caller's handler is back
+    monkeypatch.setattr(train_cli, "train_step", real_step)
+    assert train_cli.main(args(part)) == 0
+    a, b = ckpt_io.load(tmp_path / "full" / "model.pth"), ckpt_io.load(part / "model.pth")
+    assert a["meta"]["steps"] == b["meta"]["steps"] == 6
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key

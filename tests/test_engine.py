@@ -106,8 +106,10 @@ def test_resolve_run_from_params_yaml():
         resolve_run(params, "dino", "teacher", method="clockdistill", profile="mini")
     # overrides: profile-relative shorthand and full dotted keys
     o = resolve_run(params, "dino", "student", profile="mini",
-                    overrides=["train.lr=1e-3", "profiles.mini.train.steps=7", "distill.x.a=1"])
+                    overrides=["train.lr=1e-3", "profiles.mini.train.steps=7"])
     assert o["train"]["lr"] == 1e-3 and o["train"]["steps"] == 7
+    with pytest.raises(ConfigError, match="unknown distillation method 'x'"):
+        resolve_run(params, "dino", "student", profile="mini", overrides=["distill.x.a=1"])
 
 
 def test_epochs_become_steps(tmp_path):
