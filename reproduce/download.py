@@ -11,6 +11,8 @@ archive is checked against a size and checksum published by a third party before
 used, and extraction is done so that an interrupted run never leaves a tree that looks
 complete. Machines without internet access are a first-class case: the error says which
 files to put where by hand, and the same command then works from those files offline.
+An extracted tree the user already has (copied to the root) is used as it is, and a file
+the user placed is never deleted or overwritten, even when it fails verification.
 
 After extraction the layout is what ``reproduce.prepare`` reads:
 
@@ -50,6 +52,8 @@ class Archive:
     paths that must exist after installation (a wrong archive is caught here, not later).
     A checksum of ``None`` means "not known from a source we trust": it is skipped, never
     guessed. At least the size or one checksum should be known for every entry.
+    ``required_in_tree`` is False for content ``reproduce.prepare`` can do without (KITTI's
+    ImageSets: it falls back to a seeded split), so an extracted tree lacking it still counts.
     """
 
     name: str
@@ -61,6 +65,7 @@ class Archive:
     dest: str = "."
     members: tuple[str, ...] = ()
     provides: tuple[str, ...] = ()
+    required_in_tree: bool = True
 
 
 # --- Registry -----------------------------------------------------------------------------
@@ -100,10 +105,12 @@ REGISTRY: dict[str, tuple[Archive, ...]] = {
                 members=("training/",), provides=("training/label_2",)),
         Archive("train.txt", OPENPCDET_SPLITS + "train.txt", size=25_983,
                 sha256="b6417a1d9b18c8fdb085128e633d28ff321b7674a6d1b3841b8f43d865b281cb",
-                kind="file", dest="ImageSets/train.txt", provides=("ImageSets/train.txt",)),
+                kind="file", dest="ImageSets/train.txt", provides=("ImageSets/train.txt",),
+                required_in_tree=False),
         Archive("val.txt", OPENPCDET_SPLITS + "val.txt", size=26_382,
                 sha256="657ac4bcc1e156e5b106a4ca18e1f88e012787ea1d2b5d0adeea97fee903fa86",
-                kind="file", dest="ImageSets/val.txt", provides=("ImageSets/val.txt",)),
+                kind="file", dest="ImageSets/val.txt", provides=("ImageSets/val.txt",),
+                required_in_tree=False),
     ),
     "coco": (
         Archive("annotations_trainval2017.zip", COCO_ANNOTATIONS + "annotations_trainval2017.zip",
@@ -144,7 +151,10 @@ class IncompleteTransfer(DownloadError):
 
 
 class ChecksumError(DownloadError):
-    """A finished file does not match its recorded size or checksum (and was deleted)."""
+    """A file does not match its recorded size or checksum.
+
+    Our own download (``.part``) is deleted; a file under the final name is left untouched.
+    """
 
 
 class UnsafeArchiveError(DownloadError):
@@ -171,25 +181,47 @@ def file_digests(path: Path) -> dict[str, str]:
     return {"sha256": sha.hexdigest(), "md5": md5.hexdigest()}
 
 
-def verify(path: Path, archive: Archive) -> None:
-    """Check size and every known checksum; delete the file and raise on any mismatch.
+def expected_text(archive: Archive) -> str:
+    """``"25983 bytes with SHA-256 b641..."``: what the official file is, for error lines."""
+    size = f"{archive.size} bytes" if archive.size is not None else ""
+    sums = " and ".join(f"{label} {value}" for label, value in
+                        (("SHA-256", archive.sha256), ("MD5", archive.md5)) if value)
+    return " with ".join(part for part in (size, sums) if part)
 
-    Deleting matters: a bad file left under the final name would be trusted next time.
+
+def verify(path: Path, archive: Archive, *, ours: bool = False) -> None:
+    """Check size and every known checksum; raise ChecksumError on any mismatch.
+
+    ``ours``: ``path`` is a download this module wrote (a ``.part``); it is deleted on a
+    mismatch, so that a bad transfer is not trusted or resumed next time. Anything else (a
+    file placed by hand, or one an earlier run verified and someone changed since) is never
+    deleted: it may be the user's only copy of a 12 GB file. The error then names the file,
+    what it is and what the official one is, and leaves deciding to the user.
     """
     actual_size = path.stat().st_size
     if archive.size is not None and actual_size != archive.size:
-        path.unlink()
-        raise ChecksumError(f"{path}: size {actual_size} bytes, expected {archive.size}; "
-                            "the file was deleted")
+        _mismatch(path, archive, ours, f"{actual_size} bytes", f"size {actual_size} bytes, "
+                                                               f"expected {archive.size}")
     if archive.sha256 is None and archive.md5 is None:
         return
     digests = file_digests(path)
-    for algo in ("sha256", "md5"):
+    for algo, label in (("sha256", "SHA-256"), ("md5", "MD5")):
         expected = getattr(archive, algo)
         if expected is not None and digests[algo] != expected.lower():
-            path.unlink()
-            raise ChecksumError(f"{path}: {algo} mismatch, expected {expected}, "
-                                f"got {digests[algo]}; the file was deleted")
+            _mismatch(path, archive, ours, f"{actual_size} bytes with {label} {digests[algo]}",
+                      f"{algo} mismatch, expected {expected}, got {digests[algo]}")
+
+
+def _mismatch(path: Path, archive: Archive, ours: bool, actual: str, detail: str) -> None:
+    """Raise the one-line error for a file that failed verification (deleting only ours)."""
+    if ours:
+        path.unlink()
+        raise ChecksumError(f"{path}: {detail}; the download was deleted, re-run to fetch "
+                            "it again")
+    raise ChecksumError(
+        f"{path}: {actual}, but the official {archive.name} is {expected_text(archive)}; "
+        "left untouched. Replace it with the official file, or move it away to have it "
+        "downloaded")
 
 
 def _open(url: str, offset: int, timeout: float):
@@ -274,12 +306,13 @@ def fetch(archive: Archive, archives_dir: Path, *, base_url: str | None = None,
 
     The final name only ever holds a verified file: bytes go to ``<name>.part`` and are
     renamed with ``os.replace`` after the size/checksum check. A file already under the
-    final name (an earlier run, or placed by hand) is verified and used without network.
+    final name (an earlier run, or placed by hand) is verified and used without network; if
+    it fails, it is reported and kept, never replaced (see :func:`verify`).
     """
     archives_dir.mkdir(parents=True, exist_ok=True)
     final = archives_dir / archive.name
     if final.exists():
-        verify(final, archive)
+        verify(final, archive, ours=False)
         return final
     part = archives_dir / (archive.name + ".part")
     if part.exists() and archive.size is not None and part.stat().st_size > archive.size:
@@ -298,7 +331,7 @@ def fetch(archive: Archive, archives_dir: Path, *, base_url: str | None = None,
             time.sleep(min(2.0 * attempt, 10.0))
     if not part.exists():
         raise DownloadError(f"{url}: server returned nothing")
-    verify(part, archive)
+    verify(part, archive, ours=True)
     os.replace(part, final)
     return final
 
@@ -337,13 +370,16 @@ def _move_tree(src: Path, dst: Path) -> None:
 
     Several archives share top-level folders (KITTI's image and label zips both hold
     ``training/``), so whole directories cannot simply be renamed. Each ``os.replace`` is
-    atomic on the same file system, hence the temp dir lives inside the root.
+    atomic on the same file system, hence the temp dir lives inside the root. A file that
+    already exists under ``dst`` is kept, not replaced: it is either one an interrupted
+    earlier run moved there (same content) or one the user put in a partial tree.
     """
     for dirpath, _dirs, files in os.walk(src):
         target_dir = dst / Path(dirpath).relative_to(src)
         target_dir.mkdir(parents=True, exist_ok=True)
         for fname in files:
-            os.replace(Path(dirpath) / fname, target_dir / fname)
+            if not (target_dir / fname).exists():
+                os.replace(Path(dirpath) / fname, target_dir / fname)
 
 
 def install(archive: Archive, path: Path, root: Path) -> None:
@@ -406,15 +442,71 @@ def write_kitti_trainval(root: Path) -> None:
 POST_INSTALL: dict[str, Callable[[Path], None]] = {"kitti": write_kitti_trainval}
 
 
+# --- Extracted trees placed by the user -------------------------------------------------
+def made_here(root: Path) -> bool:
+    """Has this module installed (or begun installing) archives into ``root``?
+
+    Such a root is finished through the markers, never taken as a user's tree: a half-done
+    extraction can look complete while a marker is still missing.
+    """
+    return any(root.glob(".extracted-*")) or any(root.glob(".tmp-*"))
+
+
+def _present(path: Path) -> bool:
+    """A file, or a folder with at least one entry (an empty image folder is no data)."""
+    if path.is_dir():
+        with os.scandir(path) as entries:
+            return next(entries, None) is not None
+    return path.is_file()
+
+
+def tree_missing(archives: Sequence[Archive], root: Path) -> list[str]:
+    """Paths an extracted tree needs for ``reproduce.prepare`` and ``root`` lacks.
+
+    The paths are the archives' ``provides`` (what an installation from the archives
+    leaves), less the optional ones (``required_in_tree=False``).
+    """
+    return [p for a in archives if a.required_in_tree for p in a.provides
+            if not _present(root / p)]
+
+
+def tree_layout(archives: Sequence[Archive]) -> str:
+    """``"training/image_2, training/label_2 (optional: ImageSets/train.txt, ...)"``."""
+    required = [p for a in archives if a.required_in_tree for p in a.provides]
+    optional = [p for a in archives if not a.required_in_tree for p in a.provides]
+    return ", ".join(required) + (f" (optional: {', '.join(optional)})" if optional else "")
+
+
+def placed_tree_note(archives: Sequence[Archive], root: Path) -> str | None:
+    """The line to print when ``root`` holds a complete tree the user put there, else None."""
+    if not root.is_dir() or made_here(root) or tree_missing(archives, root):
+        return None
+    counts = ", ".join(f"{_count(root / p)} files in {p}" for a in archives
+                       if a.required_in_tree for p in a.provides if (root / p).is_dir())
+    absent = [p for a in archives if not a.required_in_tree for p in a.provides
+              if not (root / p).exists()]
+    note = f"{root}: using the extracted tree already there ({counts}); nothing downloaded"
+    if absent:
+        note += (f"; no {', '.join(absent)}, so prepare makes a seeded split "
+                 "(params data.kitti.val_fraction, split_seed)")
+    return note
+
+
+def _count(folder: Path) -> int:
+    with os.scandir(folder) as entries:
+        return sum(1 for _ in entries)
+
+
 # --- Orchestration ------------------------------------------------------------------------
 def fetch_dataset(archives: Sequence[Archive], root: Path, archives_dir: Path, *,
                   base_url: str | None = None, extract: bool = True,
-                  timeout: float = CONNECT_TIMEOUT_S, retries: int = RETRIES) -> list[Path]:
+                  timeout: float = CONNECT_TIMEOUT_S, retries: int = RETRIES,
+                  dataset: str = "<dataset>") -> list[Path]:
     """Fetch every archive not yet installed, then install them. Re-running is a no-op.
 
     All downloads happen before any extraction so that a network problem shows up within
     seconds, not after an hour of unzipping. When the server is unreachable the error names
-    the exact files to place in ``archives_dir`` by hand.
+    the exact files to place in ``archives_dir`` by hand (or the tree to place in ``root``).
     """
     root, archives_dir = Path(root), Path(archives_dir)
     todo = [a for a in archives if not (extract and is_installed(root, a))]
@@ -425,13 +517,25 @@ def fetch_dataset(archives: Sequence[Archive], root: Path, archives_dir: Path, *
                                retries=retries))
         except OfflineError as exc:
             needed = [a.name for a in todo if not (archives_dir / a.name).exists()]
-            raise OfflineError(
-                f"{exc}. No network? Put {', '.join(needed)} into {archives_dir}/ by hand "
-                "(URLs: --list) and re-run; it then works offline") from exc
+            raise OfflineError(offline_message(str(exc), archives, needed, root, archives_dir,
+                                               dataset, offer_tree=extract)) from exc
     if extract:
         for archive, path in zip(todo, paths):
             install(archive, path, root)
     return paths
+
+
+def offline_message(reason: str, archives: Sequence[Archive], needed: Sequence[str],
+                    root: Path, archives_dir: Path, dataset: str, offer_tree: bool) -> str:
+    """One line: why nothing could be fetched and the two ways to supply the data by hand."""
+    by_hand = (f"put {', '.join(needed)} in {archives_dir}/ (URLs, sizes, SHA-256: "
+               f"python -m reproduce.download {dataset} --list)")
+    if offer_tree and not made_here(root):
+        missing = tree_missing(archives, root) if root.is_dir() else []
+        lacks = f"; {root} now lacks {', '.join(missing)}" if missing else ""
+        by_hand = (f"either put the extracted tree in {root}/ ({tree_layout(archives)}{lacks}) "
+                   f"or {by_hand}")
+    return f"{reason}. Without network, {by_hand}, and re-run"
 
 
 def download_dataset(dataset: str, root: Path | None = None,
@@ -441,6 +545,7 @@ def download_dataset(dataset: str, root: Path | None = None,
                      retries: int = RETRIES) -> Path:
     """Everything ``python -m reproduce.download <dataset>`` does; returns the root.
 
+    A complete extracted tree the user put in ``root`` is used as it is (one line says so).
     ``archives`` replaces the registry entry (tests pass their own sizes and checksums);
     ``base_url`` falls back to ``$CLOCK_DOWNLOAD_BASE_URL``, then to the official URLs.
     """
@@ -448,9 +553,12 @@ def download_dataset(dataset: str, root: Path | None = None,
     archives_dir = Path(archives_dir if archives_dir is not None
                         else DEFAULT_ARCHIVES.format(dataset))
     archives = REGISTRY[dataset] if archives is None else archives
+    if extract and (note := placed_tree_note(archives, root)):
+        print(note)
+        return root
     base_url = base_url or os.environ.get(BASE_URL_ENV) or None
     fetch_dataset(archives, root, archives_dir, base_url=base_url, extract=extract,
-                  timeout=timeout, retries=retries)
+                  timeout=timeout, retries=retries, dataset=dataset)
     if extract and dataset in POST_INSTALL:
         POST_INSTALL[dataset](root)
     return root

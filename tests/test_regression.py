@@ -14,10 +14,11 @@ STORED_RUNS = load_stored()
 TOLERANCE = STORED_RUNS["tolerance_rel"]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("detector", sorted(STORED_RUNS["results"]))
-def test_short_run_reproduces_stored_trajectory(detector):
+def test_short_run_reproduces_stored_trajectory(detector, threads):
     stored = STORED_RUNS["results"][detector]
-    now = short_run(detector, seed=stored["seed"], steps=stored["steps"])
+    now = short_run(detector, seed=stored["seed"], steps=stored["steps"], threads=threads)
     bad = mismatches(now, stored, TOLERANCE)
     assert not bad, f"{detector}: {len(bad)} values moved:\n" + "\n".join(bad[:10])
 
