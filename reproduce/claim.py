@@ -9,8 +9,10 @@ For each detector (issue 5, "the claim on the default profile"):
   least 3 seeds were run, and CLoCKDistill's mean AP is ≥ every baseline KD method's, compared
   on the seeds both have (baselines may have run fewer seeds).
 
-Writes ``results/tables/claim.json`` beside Table 2 and prints a summary. The verdict is computed, never
-stored by hand; tests/test_regression.py recomputes it from the stored metrics.
+Writes ``results/tables/claim.json`` (atomically) beside Table 2 and prints a summary; with no
+stored CLoCKDistill metrics it refuses in one line and leaves the committed file as it is. The
+verdict is computed, never stored by hand; tests/test_regression.py recomputes it from the
+stored metrics.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from pathlib import Path
 from scipy import stats
 
 from reproduce.config import load_params, write_json
+from reproduce.outputs import refuse
 from reproduce.tables import delta_ap, load_runs
 
 MIN_GAIN = 2.0        # AP points (issue 5)
@@ -121,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     profile = args.profile or load_params(args.params)["profile"]
     result = evaluate_claim(load_runs(args.results / profile))
-    write_json(args.results / "tables" / "claim.json", result)
+    out = args.results / "tables" / "claim.json"
+    if not result["detectors"]:     # a verdict on nothing would replace the committed one
+        return refuse("claim", f"no stored CLoCKDistill metrics in {args.results / profile}/<detector>/"
+                      "clockdistill-s*.json", f"the committed {out} is left as it is")
+    write_json(out, result)
     print(summary(result))
     return 0
 

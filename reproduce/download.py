@@ -471,10 +471,15 @@ def tree_missing(archives: Sequence[Archive], root: Path) -> list[str]:
 
 
 def tree_layout(archives: Sequence[Archive]) -> str:
-    """``"training/image_2, training/label_2 (optional: ImageSets/train.txt, ...)"``."""
-    required = [p for a in archives if a.required_in_tree for p in a.provides]
-    optional = [p for a in archives if not a.required_in_tree for p in a.provides]
-    return ", ".join(required) + (f" (optional: {', '.join(optional)})" if optional else "")
+    """``"training/image_2/, training/label_2/; optional: ImageSets/train.txt, ..."``."""
+    required = [_shown(p) for a in archives if a.required_in_tree for p in a.provides]
+    optional = [_shown(p) for a in archives if not a.required_in_tree for p in a.provides]
+    return ", ".join(required) + (f"; optional: {', '.join(optional)}" if optional else "")
+
+
+def _shown(path: str) -> str:
+    """A folder gets a trailing slash (in ``provides`` files have a suffix, folders none)."""
+    return path if PurePosixPath(path).suffix else path + "/"
 
 
 def placed_tree_note(archives: Sequence[Archive], root: Path) -> str | None:
@@ -486,7 +491,7 @@ def placed_tree_note(archives: Sequence[Archive], root: Path) -> str | None:
     absent = [p for a in archives if not a.required_in_tree for p in a.provides
               if not (root / p).exists()]
     note = f"{root}: using the extracted tree already there ({counts}); nothing downloaded"
-    if absent:
+    if absent:  # only KITTI's split lists are optional
         note += (f"; no {', '.join(absent)}, so prepare makes a seeded split "
                  "(params data.kitti.val_fraction, split_seed)")
     return note
@@ -510,15 +515,19 @@ def fetch_dataset(archives: Sequence[Archive], root: Path, archives_dir: Path, *
     """
     root, archives_dir = Path(root), Path(archives_dir)
     todo = [a for a in archives if not (extract and is_installed(root, a))]
-    paths = []
-    for archive in todo:
+    # Files already there first: a wrong one placed by hand is reported in seconds, not after
+    # hours of downloading the others (and also when there is no network at all).
+    placed_first = sorted(todo, key=lambda a: not (archives_dir / a.name).exists())
+    fetched = {}
+    for archive in placed_first:
         try:
-            paths.append(fetch(archive, archives_dir, base_url=base_url, timeout=timeout,
-                               retries=retries))
+            fetched[archive.name] = fetch(archive, archives_dir, base_url=base_url,
+                                          timeout=timeout, retries=retries)
         except OfflineError as exc:
             needed = [a.name for a in todo if not (archives_dir / a.name).exists()]
             raise OfflineError(offline_message(str(exc), archives, needed, root, archives_dir,
                                                dataset, offer_tree=extract)) from exc
+    paths = [fetched[a.name] for a in todo]
     if extract:
         for archive, path in zip(todo, paths):
             install(archive, path, root)
@@ -601,6 +610,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     archives = REGISTRY[args.dataset]
     if args.list:
         print(describe(archives))
+        root = args.root or DEFAULT_ROOT.format(args.dataset)
+        print(f"\nor, instead of the archives, the extracted tree in {root}/: "
+              f"{tree_layout(archives)}")
         return 0
     try:
         root = download_dataset(args.dataset, args.root, args.archives,

@@ -2,7 +2,9 @@
 
 Reads trained runs (``runs/<profile>/<detector>/<run>/model.pth``, ``train_log.csv``) and
 stored metrics (``results/<profile>/``); never trains. The notebooks call the same functions.
-Writes ``results/figures/*.png``.
+Writes ``results/figures/*.png``, each atomically and only when its inputs are all there: on a
+fresh clone (stored metrics, no ``runs/``) the gains figure is rendered, the committed training
+curves are left as they are, and the command says so in one line and exits 1.
 """
 from __future__ import annotations
 
@@ -25,9 +27,13 @@ from distill.location_mask import memory_masks  # noqa: E402
 from distill.target_queries import TargetQueryGenerator  # noqa: E402
 from models import build_detector  # noqa: E402
 from reproduce.checkpoint import load_model_state  # noqa: E402
+from reproduce.outputs import atomic_path, describe_missing, refuse  # noqa: E402
 
 MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+DETECTORS = ("dab_detr", "deformable_detr", "dino")
+#: the runs a training-curve figure compares
+CURVE_RUNS = ("teacher", "student", "clockdistill")
 
 
 def run_dir(profile: str, detector: str, run: str) -> Path:
@@ -184,21 +190,48 @@ def plot_gains(rows: list[dict], path=None):
     return fig
 
 
+def curve_logs(profile: str, detector: str) -> list[Path]:
+    return [run_dir(profile, detector, run) / "train_log.csv" for run in CURVE_RUNS]
+
+
+def render(profile: str, out: Path) -> tuple[list[Path], list[Path]]:
+    """Write each figure whose inputs are all there, atomically; (written, missing inputs).
+    A figure with a missing input is not written, so its committed file stays as it was
+    instead of becoming an empty plot (a fresh clone has the stored metrics, not the runs)."""
+    written, missing = [], []
+    rows = gains_with_ci(Path("results") / profile)
+    if rows:
+        written.append(out / f"gains_{profile}.png")
+        with atomic_path(written[-1]) as tmp:
+            plot_gains(rows, tmp)
+    else:
+        missing.append(Path("results") / profile / "<detector>" / "<run>-s<seed>.json")
+    for detector in DETECTORS:
+        absent = [log for log in curve_logs(profile, detector) if not log.is_file()]
+        if absent:       # a curve without one of its runs would replace a complete one
+            missing += absent
+            continue
+        written.append(out / f"curves_{profile}_{detector}.png")
+        with atomic_path(written[-1]) as tmp:
+            plot_training_curves(profile, detector, list(CURVE_RUNS), path=tmp)
+    plt.close("all")
+    return written, missing
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reproduce.figures", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="mini")
     parser.add_argument("--out", default="results/figures")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = gains_with_ci(Path("results") / args.profile)
-    if rows:
-        plot_gains(rows, out / f"gains_{args.profile}.png")
-    for detector in ("dab_detr", "deformable_detr", "dino"):
-        plot_training_curves(args.profile, detector, ["teacher", "student", "clockdistill"],
-                             path=out / f"curves_{args.profile}_{detector}.png")
-    plt.close("all")
-    print(f"figures written to {out}")
+    written, missing = render(args.profile, out)
+    if written:
+        print(f"figures written to {out}: " + ", ".join(p.name for p in written))
+    if missing:
+        kept = f"the committed figures in {out} are left as they are"
+        if written:
+            kept = f"wrote {', '.join(p.name for p in written)}; the other {kept.removeprefix('the ')}"
+        return refuse("figures", describe_missing(missing), kept)
     return 0
 
 

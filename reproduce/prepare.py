@@ -17,6 +17,10 @@ Usage::
 
     python -m reproduce.prepare --dataset {synth,kitti,coco} [--raw DIR] [--out DIR]
                                 [--params params.yaml]
+
+writes ``data/prepared/<profile>/`` by default, the profile being the one that uses the
+dataset (``synth`` -> ``mini``), i.e. exactly what ``python -m reproduce.stages prepare``
+writes and training reads.
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Sequence
+
+from tqdm import tqdm
 
 from reproduce.config import ConfigError, get_dotted, load_params
 
@@ -55,6 +61,16 @@ JPEG_STANDALONE = frozenset(range(0xD0, 0xDA)) | {0x01}
 
 class PrepareError(ValueError):
     """Input that cannot be converted; the message starts with the file (and line) at fault."""
+
+
+def progress(items: Sequence, desc: str) -> tqdm:
+    """A per-image bar on a terminal; nothing when stderr is a pipe or a log file.
+
+    ``disable=None`` is tqdm's "only on a TTY", so a DVC log does not fill with hundreds of
+    carriage-return updates. Use it as a context manager: on an error the bar is closed (and,
+    with ``leave=False``, erased) before the one-line message is printed.
+    """
+    return tqdm(items, desc=desc, unit="img", disable=None, leave=False)
 
 
 @dataclass(frozen=True)
@@ -328,32 +344,42 @@ def find_image(raw: Path, image_dir: str, frame: str, where: str) -> str:
 
 def convert_kitti_split(
     raw: Path, plan: SplitPlan, type_map: dict[str, int], ignore_types: set[str],
-    num_classes: int,
+    num_classes: int, desc: str = "prepare",
 ) -> tuple[list[dict], list[dict]]:
     """Build the ``images`` and ``annotations`` lists of one split."""
     images: list[dict] = []
     annotations: list[dict] = []
-    for frame, where in sorted(plan.frames, key=lambda item: int(item[0])):
-        file_name = find_image(raw, plan.image_dir, frame, where)
-        width, height = image_size(raw / file_name, file_name)
-        image_id = int(frame)
-        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
-        if plan.label_dir is None:
-            continue
-        label_rel = f"{plan.label_dir}/{frame}.txt"
-        if not (raw / label_rel).is_file():
-            raise PrepareError(f"{where}: frame {frame} has no label file ({label_rel})")
-        for obj in parse_label_file(raw / label_rel, label_rel, width, height):
-            if obj.type in ignore_types:
-                category_ids, crowd = range(1, num_classes + 1), 1
-            elif obj.type in type_map:
-                category_ids, crowd = [type_map[obj.type]], 0
-            else:
-                continue
-            for category_id in category_ids:
-                annotations.append(
-                    _kitti_annotation(len(annotations) + 1, image_id, category_id, obj, crowd))
+    frames = sorted(plan.frames, key=lambda item: int(item[0]))
+    with progress(frames, desc) as bar:
+        for frame, where in bar:
+            _convert_kitti_frame(raw, plan, frame, where, type_map, ignore_types, num_classes,
+                                 images, annotations)
     return images, annotations
+
+
+def _convert_kitti_frame(raw: Path, plan: SplitPlan, frame: str, where: str,
+                         type_map: dict[str, int], ignore_types: set[str], num_classes: int,
+                         images: list[dict], annotations: list[dict]) -> None:
+    """Append one frame's image entry and annotations (ignore regions once per category)."""
+    file_name = find_image(raw, plan.image_dir, frame, where)
+    width, height = image_size(raw / file_name, file_name)
+    image_id = int(frame)
+    images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+    if plan.label_dir is None:
+        return
+    label_rel = f"{plan.label_dir}/{frame}.txt"
+    if not (raw / label_rel).is_file():
+        raise PrepareError(f"{where}: frame {frame} has no label file ({label_rel})")
+    for obj in parse_label_file(raw / label_rel, label_rel, width, height):
+        if obj.type in ignore_types:
+            category_ids, crowd = range(1, num_classes + 1), 1
+        elif obj.type in type_map:
+            category_ids, crowd = [type_map[obj.type]], 0
+        else:
+            continue
+        for category_id in category_ids:
+            annotations.append(
+                _kitti_annotation(len(annotations) + 1, image_id, category_id, obj, crowd))
 
 
 def _kitti_annotation(ann_id: int, image_id: int, category_id: int, obj: KittiObject,
@@ -393,7 +419,8 @@ def prepare_kitti(
                   for i, n in enumerate(classes, start=1)]
     outputs = {}
     for split, plan in plan_kitti_splits(raw_path, val_fraction, split_seed).items():
-        images, annotations = convert_kitti_split(raw_path, plan, type_map, ignore, len(classes))
+        images, annotations = convert_kitti_split(raw_path, plan, type_map, ignore, len(classes),
+                                                  desc=f"{dataset} {split}")
         info = {
             "dataset": dataset, "split": split, "source": "kitti label_2",
             "image_root": str(raw), "classes": list(classes), "class_map": class_map,
@@ -515,13 +542,14 @@ def convert_coco_split(raw: Path, split: str, max_images: int | None) -> dict:
         kept = kept[:max_images]
     kept_set = set(kept)
     out_images = []
-    for image_id in kept:
-        image = dict(images[image_id])
-        image["file_name"] = f"{split}2017/{image['file_name']}"
-        if not (raw / image["file_name"]).is_file():
-            raise PrepareError(f"{display}: image id {image_id}: missing image "
-                               f"{image['file_name']}")
-        out_images.append(image)
+    with progress(kept, f"coco {split}") as bar:
+        for image_id in bar:
+            image = dict(images[image_id])
+            image["file_name"] = f"{split}2017/{image['file_name']}"
+            if not (raw / image["file_name"]).is_file():
+                raise PrepareError(f"{display}: image id {image_id}: missing image "
+                                   f"{image['file_name']}")
+            out_images.append(image)
     annotations = []
     for ann in data["annotations"]:
         if ann["image_id"] in kept_set and ann["id"] not in degenerate:
@@ -605,19 +633,37 @@ def summarize(outputs: dict[str, dict]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m reproduce.prepare",
-        description="Convert a dataset to COCO-format JSON per split (data/prepared/<dataset>/).",
+        description="Convert a dataset to COCO-format JSON per split, by default into "
+                    "data/prepared/<profile>/, where the profile using that dataset reads it "
+                    "(synth -> mini).",
     )
     parser.add_argument("--dataset", required=True, choices=("synth", "kitti", "coco"))
     parser.add_argument("--raw", type=Path, help="raw data root (default: from params)")
-    parser.add_argument("--out", type=Path, help="output folder (default: data.prepared/<dataset>)")
+    parser.add_argument("--out", type=Path,
+                        help="output folder (default: data.prepared/<profile of the dataset>)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
                         help="params file (default: params.yaml)")
     return parser
 
 
+def profile_of(params: dict, dataset: str) -> str:
+    """The profile that trains on ``dataset`` (the first in params.yaml), else the dataset name.
+
+    Training reads ``data/prepared/<profile>`` (dvc.yaml), so that, not the dataset name, is
+    where a hand-run prepare must write: ``synth`` is read by ``mini``.
+    """
+    for name, profile in (params.get("profiles") or {}).items():
+        if isinstance(profile, dict) and profile.get("dataset") == dataset:
+            return name
+    return dataset
+
+
 def run(dataset: str, raw: Path | None, out: Path | None, params: dict) -> tuple[dict, Path]:
-    """Resolve defaults from ``params['data']`` and convert; returns (outputs, out dir)."""
-    out = out or Path(get_dotted(params, "data.prepared")) / dataset
+    """Resolve defaults from ``params['data']`` and convert; returns (outputs, out dir).
+
+    The ``prepare`` stage calls this too, so the CLI and the pipeline cannot disagree.
+    """
+    out = out or Path(get_dotted(params, "data.prepared")) / profile_of(params, dataset)
     if dataset == "coco":
         raw = raw or Path(get_dotted(params, "data.coco.raw"))
         max_images = get_dotted(params, "data.coco").get("max_images")
@@ -648,7 +694,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PrepareError, ConfigError, OSError) as err:
         print(f"prepare: error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {', '.join(f'{s}.json' for s in outputs)} to {out}")
+    reader = "" if args.out else f" (read by profile {profile_of(params, args.dataset)})"
+    print(f"wrote {', '.join(f'{s}.json' for s in outputs)} to {out}{reader}")
     print(summarize(outputs))
     return 0
 

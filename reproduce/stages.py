@@ -1,8 +1,13 @@
 """The data stages of dvc.yaml, keyed by profile: ``python -m reproduce.stages {raw,prepare} --profile P``.
 
-``raw`` makes ``data/raw/<profile>``: the synthetic scenes for ``mini``; the official archives
-(downloaded, or placed by hand) for ``kitti`` and ``coco``. ``prepare`` converts it to COCO-format
-JSON in ``data/prepared/<profile>/{train,val[,test]}.json``.
+``raw`` makes ``data/raw/<profile>``: the synthetic scenes for ``mini``; for ``kitti`` and ``coco``
+the extracted tree already placed there, else the official archives (downloaded, or placed by
+hand in ``data/archives/<profile>``). ``prepare`` converts it to COCO-format JSON in
+``data/prepared/<profile>/{train,val[,test]}.json``.
+
+Expected failures (bad params, no data and no network, a placed file that fails its checksum,
+bad input) end as one line on stderr and exit code 1: they are the user's to fix, and a
+traceback would bury the line that says how.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, load_params
+from .download import DownloadError
 
 
 def raw_dir(params: dict, profile: str) -> Path:
@@ -40,14 +46,11 @@ def make_raw(params: dict, profile: str) -> Path:
 
 
 def make_prepared(params: dict, profile: str) -> dict:
-    from .prepare import prepare_coco, prepare_kitti
-    dataset, raw, out = dataset_of(params, profile), raw_dir(params, profile), prepared_dir(params, profile)
-    if dataset == "coco":
-        return prepare_coco(raw, out, max_images=params["data"]["coco"].get("max_images"))
-    k = params["data"]["kitti"]
-    return prepare_kitti(raw, out, classes=k["classes"], class_map=k.get("class_map") or {},
-                         ignore_types=k["ignore_types"], val_fraction=k["val_fraction"], split_seed=k["split_seed"],
-                         dataset=dataset)
+    """Convert ``data/raw/<profile>`` through the same code as ``python -m reproduce.prepare``."""
+    from .prepare import run
+    outputs, _out = run(dataset_of(params, profile), raw_dir(params, profile), prepared_dir(params, profile),
+                        params)
+    return outputs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,9 +69,12 @@ def main(argv: list[str] | None = None) -> int:
             for split, coco in outputs.items():
                 print(f"{split}: {len(coco['images'])} images, "
                       f"{sum(1 for a in coco['annotations'] if not a.get('iscrowd'))} objects")
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError, DownloadError) as err:  # ConfigError, PrepareError are ValueErrors
+        print(f"error: {args.stage}: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"error: {args.stage}: interrupted; run it again (downloads resume)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -914,7 +914,9 @@ def generate(out_dir, *, seed: int = 0, num_train: int = 2000, num_val: int = 30
                "difficulty": float(difficulty)}
         counts: dict[str, int] = {}
         from tqdm import tqdm
-        with tqdm(total=len(tasks), desc="synth", unit="img", disable=not progress) as bar:
+        # disable=None: a bar on a terminal, none in a log file (no CR-separated updates)
+        with tqdm(total=len(tasks), desc="synth", unit="img",
+                  disable=None if progress else True) as bar:
             if workers == 1:
                 _init_worker(job)
                 results = map(_write_one, tasks)

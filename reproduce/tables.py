@@ -4,6 +4,8 @@ Reads every metrics JSON under ``results/<profile>/<detector>/`` (written by
 ``reproduce.evaluate``), groups runs by (detector, method), and writes mean ± std over seeds
 with ΔAP over the no-distillation student (paired by seed), to ``results/tables/{table2,ablation}.{md,csv,tex}``.
 The "paper" column comes only from ``results/paper/reported.yaml`` (transcribed values).
+Files are replaced atomically; with no stored metrics at all it refuses in one line and leaves
+the committed tables as they are.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import sys
 from pathlib import Path
 
 import yaml
+
+from reproduce.outputs import refuse, write_text_atomic
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 MAIN_ORDER = ["teacher", "student", "fitnet", "fgd", "mgd", "kd_detr", "detrdistill", "clockdistill"]
@@ -131,12 +135,9 @@ def to_latex(rows: list[dict]) -> str:
 
 
 def write_table(rows: list[dict], out_dir: Path, name: str, title: str) -> str:
-    out_dir.mkdir(parents=True, exist_ok=True)
     md = to_markdown(rows, title)
     for suffix, text in (("md", md), ("csv", to_csv(rows)), ("tex", to_latex(rows))):
-        tmp = out_dir / f".{name}.{suffix}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out_dir / f"{name}.{suffix}")
+        write_text_atomic(out_dir / f"{name}.{suffix}", text)
     return md
 
 
@@ -153,8 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     with (results / "paper" / "reported.yaml").open() as f:
         reported = yaml.safe_load(f) or {}
     runs = load_runs(results / profile)
-    main_runs, ablation_runs = split_runs(runs)
     out = results / "tables"
+    if not runs:     # tables of nothing would replace the committed ones
+        return refuse("tables", f"no stored metrics in {results / profile}/<detector>/*.json",
+                      f"the committed tables in {out} are left as they are")
+    main_runs, ablation_runs = split_runs(runs)
     print(write_table(build_rows(main_runs, reported, MAIN_ORDER), out, "table2",
                       f"Table 2 ({profile} profile): COCO AP x100, mean ± std over seeds"))
     print(write_table(build_rows(ablation_runs, reported, ABLATION_ORDER, key="variant", students=main_runs),

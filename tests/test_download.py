@@ -335,3 +335,101 @@ def test_interrupted_extraction_is_redone(tmp_path, kitti_files, monkeypatch):
     dl.install(archive, tmp_path / name, root)
     assert dl.is_installed(root, archive)
     assert len(list((root / "training/label_2").glob("*.txt"))) == len(KITTI_IDS)
+
+
+# --- files the user placed are never deleted -----------------------------------------------
+def _flip_one_byte(data: bytes) -> bytes:
+    bad = bytearray(data)
+    bad[len(bad) // 2] ^= 0x01
+    return bytes(bad)
+
+
+@pytest.mark.parametrize("case", ["wrong size", "right size, wrong bytes"])
+def test_placed_archive_failing_its_check_is_kept(tmp_path, kitti_files, monkeypatch, capsys,
+                                                  case):
+    """A hand-placed file may be the user's only copy: report it in one line, never delete it.
+
+    It is checked before anything is downloaded, so the line comes even without network.
+    """
+    monkeypatch.setitem(dl.REGISTRY, "kitti", _table(kitti_files, "kitti"))
+    name = "val.txt"
+    good = kitti_files[name]
+    placed = good[:-7] if case == "wrong size" else _flip_one_byte(good)
+    arch = tmp_path / "arch"
+    arch.mkdir()
+    (arch / name).write_bytes(placed)
+
+    rc = dl.main(["kitti", "--root", str(tmp_path / "kitti"), "--archives", str(arch),
+                  "--base-url", _closed_port_url()])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert (arch / name).read_bytes() == placed
+    assert not (arch / f"{name}.part").exists()
+    assert str(arch / name) in err and "left untouched" in err
+    assert f"{len(placed)} bytes" in err
+    assert f"{len(good)} bytes with SHA-256 {hashlib.sha256(good).hexdigest()}" in err
+    if case != "wrong size":
+        assert hashlib.sha256(placed).hexdigest() in err
+
+
+def test_extraction_keeps_files_already_in_the_root(tmp_path, kitti_files):
+    """Archives completing a partial tree of the user's add files, never replace them."""
+    name = "data_object_label_2.zip"
+    (tmp_path / name).write_bytes(kitti_files[name])
+    root = tmp_path / "root"
+    own = root / "training" / "label_2" / "000000.txt"
+    own.parent.mkdir(parents=True)
+    own.write_text("the user's own label file\n")
+    dl.install(_entry(kitti_files, "kitti", name), tmp_path / name, root)
+    assert own.read_text() == "the user's own label file\n"
+    assert len(list(own.parent.glob("*.txt"))) == len(KITTI_IDS)
+    _no_debris(root)
+
+
+# --- extracted trees ----------------------------------------------------------------------
+def _kitti_tree(root: Path, image_sets: bool = True) -> Path:
+    """The sample as a user would copy an extracted KITTI tree (label/image folders linked)."""
+    (root / "training").mkdir(parents=True)
+    for sub in ("image_2", "label_2"):
+        (root / "training" / sub).symlink_to(KITTI / "training" / sub, target_is_directory=True)
+    if image_sets:
+        (root / "ImageSets").mkdir()
+        for split in ("train", "val"):
+            (root / "ImageSets" / f"{split}.txt").write_bytes(
+                (KITTI / "ImageSets" / f"{split}.txt").read_bytes())
+    return root
+
+
+def test_complete_extracted_tree_is_used_without_network(tmp_path, capsys):
+    root, arch = _kitti_tree(tmp_path / "kitti"), tmp_path / "arch"
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    rc = dl.main(["kitti", "--root", str(root), "--archives", str(arch),
+                  "--base-url", _closed_port_url()])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert f"{root}: using the extracted tree already there (101 files in training/image_2, " \
+           "101 files in training/label_2); nothing downloaded" in out
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+    assert not arch.exists()
+
+
+def test_incomplete_tree_offline_names_what_is_missing(tmp_path, capsys):
+    root, arch = tmp_path / "kitti", tmp_path / "arch"
+    (root / "training").mkdir(parents=True)
+    (root / "training" / "image_2").symlink_to(KITTI / "training" / "image_2")
+    (root / "training" / "label_2").mkdir()  # empty: no labels yet
+    rc = dl.main(["kitti", "--root", str(root), "--archives", str(arch),
+                  "--base-url", _closed_port_url()])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"either put the extracted tree in {root}/ (training/image_2/, training/label_2/; " \
+           "optional: ImageSets/train.txt, ImageSets/val.txt; " \
+           f"{root} now lacks training/label_2)" in err
+    assert f"data_object_label_2.zip, train.txt, val.txt in {arch}/" in err
+
+
+def test_a_root_we_began_installing_is_not_taken_as_a_users_tree(tmp_path, kitti_files):
+    """Markers mean this module extracts there: a half-done install may look complete."""
+    root = _kitti_tree(tmp_path / "kitti")
+    (root / ".extracted-data_object_label_2.zip").write_text("{}\n")
+    assert dl.placed_tree_note(_table(kitti_files, "kitti"), root) is None

@@ -198,3 +198,66 @@ def test_cli_writes_metrics_and_detections(tmp_path):
     assert len(detections) == 4 * min(100, 12 * 2)          # tiny DINO: 12 queries x 2 classes per image
     assert {d["image_id"] for d in detections} == {100, 101, 102, 103}
     assert {d["category_id"] for d in detections} <= {3, 7}
+
+
+class TinyImages(torch.utils.data.Dataset):
+    """``n`` 8x8 images, each with its own id, in DetectionDataset's (image, target) form."""
+
+    label_to_category_id = [5, 9]
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.zeros(3, 8, 8), {"image_id": 100 + i, "orig_size": torch.tensor([8, 8])}
+
+
+class ConstantModel(nn.Module):
+    def forward(self, images, pad_mask):
+        from types import SimpleNamespace
+        b = images.shape[0]
+        return SimpleNamespace(logits=torch.zeros(b, 3, 2), boxes=torch.full((b, 3, 4), 0.5))
+
+
+def test_predict_prints_progress_lines_in_a_log(capsys):
+    """stderr is not a terminal under capsys (as in a DVC log): a few plain lines, no bar."""
+    dets = predict(ConstantModel(), TinyImages(20), batch_size=2)
+    assert {d["image_id"] for d in dets} == set(range(100, 120))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith("evaluate: 20/20 images, ") and lines[-1].endswith(" img/s")
+    assert "evaluate: 2/20 images, " in lines[0]
+    assert len(lines) == 10 and not any("\r" in line for line in lines)     # one line per ~10%
+
+
+def test_predict_progress_off_prints_nothing(capsys):
+    predict(ConstantModel(), TinyImages(3), batch_size=2, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_is_a_bar_on_a_terminal():
+    """On a TTY the helper hands over to tqdm (carriage returns) and prints no log lines."""
+    from reproduce.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    with Progress(50, "evaluate", unit="images", rate_unit="img", stream=stream) as bar:
+        for _ in range(50):
+            bar.update()
+    assert "\r" in stream.getvalue() and "evaluate: 50/50 images," not in stream.getvalue()
+
+
+def test_progress_line_every_n_items():
+    from reproduce.progress import Progress
+    stream = io.StringIO()
+    with Progress(500, "evaluate", unit="images", rate_unit="img", every=120, stream=stream) as bar:
+        for _ in range(125):
+            bar.update(4)
+    lines = stream.getvalue().splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"evaluate: {n}/500 images" for n in (120, 240, 360, 480, 500)]
+    assert "left" in lines[0] and "left" not in lines[-1]

@@ -442,3 +442,15 @@ def test_cli_help(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert exit_info.value.code == 0
     assert "--dataset" in capsys.readouterr().out
+
+
+def test_cli_synth_default_out_is_where_the_mini_profile_reads(
+        small_kitti: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Training reads data/prepared/<profile>: synth is the mini profile's dataset."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["--dataset", "synth", "--raw", str(small_kitti), "--params", str(PARAMS)]) == 0
+    captured = capsys.readouterr()
+    assert "to data/prepared/mini (read by profile mini)" in captured.out
+    assert sorted(p.name for p in (tmp_path / "data" / "prepared").iterdir()) == ["mini"]
+    assert captured.err == ""  # no progress bar when stderr is not a terminal
