@@ -20,7 +20,7 @@ help:
 	@echo "make seeds      student + CLoCKDistill for the other seeds (after make repro)"
 	@echo "make ablations  CLoCKDistill ablation variants (after make repro)"
 	@echo "make table2     render results/tables/table2.{md,csv,tex} from stored metrics"
-	@echo "make notebooks  execute the analysis notebooks headless (papermill)"
+	@echo "make notebooks  execute the analysis notebooks headless (papermill; needs the runs of make repro)"
 	@echo "make bench      speed/memory benchmarks -> results/bench/"
 	@echo "make lab        start JupyterLab"
 	@echo "make lock       re-compile requirements.lock from requirements.in"
