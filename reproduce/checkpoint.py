@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -211,23 +212,36 @@ def load_model_state(path: str | Path, prefer_ema: bool = True) -> tuple[dict, d
     raise CheckpointError(f"{path}: not a checkpoint of this project (no model weights; keys {sorted(obj)[:5]})")
 
 
-def load_detector(path: str | Path, detector: str, model_cfg: dict | None = None, num_classes: int | None = None,
-                  *, require_completed: bool = False, what: str = "checkpoint",
-                  default_cfg: dict | None = None) -> tuple[torch.nn.Module, dict]:
+def load_detector(path: str | Path, detector: str | None, model_cfg: dict | None = None,
+                  num_classes: int | None = None, *, require_completed: bool = False, what: str = "checkpoint",
+                  default_cfg: dict | None = None, reinit_classes: bool = False) -> tuple[torch.nn.Module, dict]:
     """``(model, meta)``: the detector stored in ``path`` (EMA weights preferred), checked
     against what the caller expects before anything is built on it.
 
-    ``detector``: the family the caller needs. ``model_cfg``: the config the caller would build
-    (a teacher must be the profile's teacher); None takes the file's own. ``num_classes``: the
-    dataset's (None: the file's). ``require_completed``: refuse a run that stopped before the end
-    of its schedule. ``what`` names the role in messages ("teacher", "checkpoint").
-    ``default_cfg``: what to build when the file holds no config (a bare state_dict). Every
-    mismatch is a :class:`CheckpointError` naming the file and the first differences.
+    ``detector``: the family the caller needs (None: the file's own). ``model_cfg``: the config
+    the caller would build (a teacher must be the profile's teacher); None takes the file's own.
+    ``num_classes``: the dataset's (None: the file's). ``require_completed``: refuse a run that
+    stopped before the end of its schedule. ``what`` names the role in messages ("teacher",
+    "checkpoint"). ``default_cfg``: what to build when the file holds no config (a bare
+    state_dict). Every mismatch is a :class:`CheckpointError` naming the file and the first
+    differences.
+
+    ``reinit_classes`` (fine-tuning on another dataset, like DINO's ``--finetune_ignore``): when
+    the file was trained for another class count than ``num_classes``, build the model for
+    ``num_classes``, load every weight except the class-dependent ones (the entries whose shape
+    differs from the file's in one dimension only, by the difference of the class counts: the
+    class heads, the denoising label embedding), keep those freshly initialised, print one note
+    on stderr naming them, and list them in ``meta["reinitialised"]``. Any other difference is
+    still an error.
     """
     from models.build import build_detector
 
     state, meta = load_model_state(path)
     saved = meta.get("detector")
+    if detector is None:
+        detector = saved or (default_cfg or {}).get("detector")
+        if not detector:
+            raise CheckpointError(f"{path}: does not say which detector it holds; name it (--detector)")
     if saved and saved != detector:
         raise CheckpointError(f"{path}: holds a {saved} model, but the {what} must be a {detector}")
     saved_cfg = meta.get("model_cfg")
@@ -235,7 +249,7 @@ def load_detector(path: str | Path, detector: str, model_cfg: dict | None = None
         raise CheckpointError(f"{path}: its {detector} is not the profile's {what} model ("
                               + "; ".join(config_differences(saved_cfg, model_cfg)[:4]) + ")")
     saved_classes = meta.get("num_classes")
-    if saved_classes and num_classes and int(saved_classes) != int(num_classes):
+    if saved_classes and num_classes and int(saved_classes) != int(num_classes) and not reinit_classes:
         raise CheckpointError(f"{path}: trained for {saved_classes} classes, the dataset has {num_classes}")
     if require_completed and meta.get("completed") is False:
         raise CheckpointError(f"{path}: its run stopped at step {meta.get('steps')} of {meta.get('total_steps')}; "
@@ -251,12 +265,56 @@ def load_detector(path: str | Path, detector: str, model_cfg: dict | None = None
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    reinit: list[str] = []
+    file_classes = saved_classes
+    if reinit_classes and shapes and not (missing or unexpected):
+        delta = class_dimension_delta({k: state[k] for k in shapes}, {k: expected[k] for k in shapes})
+        if delta is not None and (not saved_classes or delta == classes - int(saved_classes)):
+            reinit, shapes = shapes, []
+            file_classes = classes - delta
     if missing or unexpected or shapes:
         first = (missing or unexpected or shapes)[0]
         raise CheckpointError(f"{path}: its weights do not fit a {detector} of this config ({len(missing)} missing, "
                               f"{len(unexpected)} unexpected, {len(shapes)} of another shape; first: {first})")
+    if reinit:
+        state = {k: v for k, v in state.items() if k not in set(reinit)}
+        state.update({k: expected[k] for k in reinit})      # the fresh initialisation of the new model
+        print(f"{path}: trained for {file_classes} classes, the dataset has {classes}: re-initialised "
+              f"{', '.join(summarize_keys(reinit))} ({len(reinit)} tensors); every other weight loaded",
+              file=sys.stderr, flush=True)
+        meta = {**meta, "reinitialised": list(reinit), "file_num_classes": file_classes}
     model.load_state_dict(state)
     return model, meta
+
+
+def class_dimension_delta(saved: dict, expected: dict) -> int | None:
+    """``expected - saved`` size of the one dimension in which every pair of shapes differs,
+    when that is the same non-zero number for all of them (the class dimension: ``K`` logits of
+    a class head, ``K + 1`` rows of a label embedding); None when the shapes differ otherwise."""
+    deltas = set()
+    for key, tensor in saved.items():
+        a, b = tuple(tensor.shape), tuple(expected[key].shape)
+        if len(a) != len(b):
+            return None
+        diffs = [y - x for x, y in zip(a, b) if x != y]
+        if len(diffs) != 1:
+            return None
+        deltas.add(diffs[0])
+    return deltas.pop() if len(deltas) == 1 else None
+
+
+def summarize_keys(keys: list[str]) -> list[str]:
+    """Module names of state-dict keys, layer indices as ``*``, in first-seen order:
+    ``decoder.class_heads.0.weight, decoder.class_heads.1.bias`` -> ``decoder.class_heads.*``."""
+    out: list[str] = []
+    for key in keys:
+        parts = key.split(".")
+        if len(parts) > 1 and parts[-1] in ("weight", "bias"):
+            parts = parts[:-1]
+        name = ".".join("*" if p.isdigit() else p for p in parts)
+        if name not in out:
+            out.append(name)
+    return out
 
 
 def config_differences(saved: dict, expected: dict, prefix: str = "") -> list[str]:

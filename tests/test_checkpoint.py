@@ -255,3 +255,78 @@ def test_preemption_signal_checkpoints_and_resumes_bitwise(tmp_path, monkeypatch
     assert a["meta"]["steps"] == b["meta"]["steps"] == 6
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+# ---------------------------------------------------------------------------- fine-tuning across class counts
+
+def _saved_detector(tmp_path, detector, num_classes=2, meta=True):
+    """A tiny detector for ``num_classes`` saved as model.pth, every float weight perturbed so
+    that none equals a fresh initialisation."""
+    from models.build import build_detector, detector_config
+    cfg = detector_config(detector, "tiny")
+    g = torch.Generator().manual_seed(1)
+    model = build_detector(cfg, num_classes)
+    with torch.no_grad():         # per tensor, not per key: DINO's decoder layers share their heads
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.is_floating_point():
+                t.add_(torch.randn(t.shape, generator=g))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / f"{detector}.pth"
+    if meta:
+        ckpt_io.save_model(state, path, {"detector": detector, "model_cfg": cfg, "num_classes": num_classes})
+    else:
+        torch.save(state, path)
+    return path, cfg, state
+
+
+@pytest.mark.parametrize("detector", ["dino", "deformable_detr"])
+def test_reinit_classes_loads_all_but_the_class_dependent_weights(tmp_path, capsys, detector):
+    path, cfg, saved = _saved_detector(tmp_path, detector, num_classes=2)
+    with pytest.raises(ckpt_io.CheckpointError, match="trained for 2 classes, the dataset has 3$"):
+        ckpt_io.load_detector(path, detector, num_classes=3)
+    assert capsys.readouterr().err == ""
+
+    model, meta = ckpt_io.load_detector(path, detector, num_classes=3, reinit_classes=True)
+    state = model.state_dict()
+    reinit = set(meta["reinitialised"])
+    class_heads = {k for k in saved if "class_head" in k}
+    expected = class_heads | ({"label_enc.weight"} if detector == "dino" else set())
+    assert reinit == expected and meta["file_num_classes"] == 2
+    for key in saved:
+        if key in reinit:
+            assert state[key].shape[0] == saved[key].shape[0] + 1, key       # the new class count
+        else:
+            assert torch.equal(state[key], saved[key]), key
+    for key in class_heads:
+        if key.endswith("bias"):             # freshly initialised: the prior-probability bias
+            assert torch.allclose(state[key], torch.full((3,), -4.595)), key
+    if detector == "dino":
+        assert state["label_enc.weight"].shape == (4, cfg["d_model"]) and model.label_enc.num_embeddings == 4
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    names = "decoder.class_heads.*, query_selection.class_head" + (", label_enc" if detector == "dino" else "")
+    assert lines == [f"{path}: trained for 2 classes, the dataset has 3: re-initialised {names} "
+                     f"({len(expected)} tensors); every other weight loaded"]
+    out = model(torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool))
+    assert out.logits.shape[-1] == 3
+
+
+def test_reinit_classes_keeps_every_other_check(tmp_path, capsys):
+    path, cfg, saved = _saved_detector(tmp_path, "dino", num_classes=2)
+    # the same class count: a plain load, no note
+    model, meta = ckpt_io.load_detector(path, "dino", num_classes=2, reinit_classes=True)
+    assert "reinitialised" not in meta and capsys.readouterr().err == ""
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    # another architecture is still an error, whatever the class count
+    other = {**cfg, "d_model": 48}
+    with pytest.raises(ckpt_io.CheckpointError, match="not the profile's checkpoint model"):
+        ckpt_io.load_detector(path, "dino", other, num_classes=3, reinit_classes=True)
+    # a bare state_dict (no class count recorded): the class dimension is found from the shapes
+    bare, _, _ = _saved_detector(tmp_path / "bare", "dino", num_classes=2, meta=False)
+    model, meta = ckpt_io.load_detector(bare, "dino", num_classes=5, reinit_classes=True, default_cfg=cfg)
+    assert meta["file_num_classes"] == 2 and model.state_dict()["label_enc.weight"].shape[0] == 6
+    assert "trained for 2 classes, the dataset has 5" in capsys.readouterr().err
+    with pytest.raises(ckpt_io.CheckpointError, match="do not fit"):
+        ckpt_io.load_detector(bare, "dino", num_classes=5, default_cfg=cfg)
+    with pytest.raises(ckpt_io.CheckpointError, match="do not fit"):      # other shapes than the classes'
+        ckpt_io.load_detector(bare, "dino", num_classes=5, reinit_classes=True, default_cfg=other)
