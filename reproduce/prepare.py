@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Sequence
 
-from tqdm import tqdm
 
 from reproduce.config import ConfigError, get_dotted, load_params
 
@@ -63,14 +62,27 @@ class PrepareError(ValueError):
     """Input that cannot be converted; the message starts with the file (and line) at fault."""
 
 
-def progress(items: Sequence, desc: str) -> tqdm:
-    """A per-image bar on a terminal; nothing when stderr is a pipe or a log file.
+class progress:
+    """Per-image progress: a bar on a terminal; in a log (a DVC stage) a plain line every
+    tenth of the images, at most one per 10 s, plus the last, not hundreds of carriage-return
+    updates. Used as a context manager: on
+    an error the bar is closed (and erased) before the one-line message is printed."""
 
-    ``disable=None`` is tqdm's "only on a TTY", so a DVC log does not fill with hundreds of
-    carriage-return updates. Use it as a context manager: on an error the bar is closed (and,
-    with ``leave=False``, erased) before the one-line message is printed.
-    """
-    return tqdm(items, desc=desc, unit="img", disable=None, leave=False)
+    def __init__(self, items: Sequence, desc: str):
+        from reproduce.progress import Progress
+        self.items = items
+        self.bar = Progress(len(items), desc, unit="images", rate_unit="img", min_interval=10.0)
+
+    def __iter__(self):
+        for item in self.items:
+            yield item
+            self.bar.update(1)
+
+    def __enter__(self) -> "progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
 
 
 @dataclass(frozen=True)

@@ -30,15 +30,18 @@ class Progress:
     ``every``: items between two log lines (default: about ``LOG_LINES`` lines in all, plus
     the last); ``rate_unit``: the unit of the rate (``img/s``), default ``unit``.
     ``enabled=False`` prints nothing. ``stream`` defaults to stderr, so stdout keeps only a
-    tool's results."""
+    tool's results. ``min_interval``: seconds between two log lines (the last line, at
+    ``total``, always prints), so a fast loop logs only its end."""
 
     def __init__(self, total: int, desc: str, unit: str = "items", every: int | None = None,
-                 rate_unit: str | None = None, enabled: bool = True, stream: TextIO | None = None):
+                 rate_unit: str | None = None, enabled: bool = True, stream: TextIO | None = None,
+                 min_interval: float = 0.0):
         self.total, self.desc, self.unit, self.enabled = int(total), desc, unit, enabled
         self.rate_unit = rate_unit or unit
         self.stream = stream if stream is not None else sys.stderr
         self.every = max(1, int(every) if every else -(-self.total // LOG_LINES))
         self.done, self._next_line, self._start = 0, self.every, time.monotonic()
+        self.min_interval, self._last_line = float(min_interval), self._start
         self._bar = None
         if enabled and _is_tty(self.stream):
             from tqdm import tqdm
@@ -49,8 +52,10 @@ class Progress:
         self.done += n
         if self._bar is not None:
             self._bar.update(n)
-        elif self.enabled and (self.done >= self._next_line or self.done == self.total):
+        elif self.enabled and (self.done == self.total or (
+                self.done >= self._next_line and time.monotonic() - self._last_line >= self.min_interval)):
             self._line()
+            self._last_line = time.monotonic()
             while self._next_line <= self.done:
                 self._next_line += self.every
 

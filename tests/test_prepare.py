@@ -453,4 +453,5 @@ def test_cli_synth_default_out_is_where_the_mini_profile_reads(
     captured = capsys.readouterr()
     assert "to data/prepared/mini (read by profile mini)" in captured.out
     assert sorted(p.name for p in (tmp_path / "data" / "prepared").iterdir()) == ["mini"]
-    assert captured.err == ""  # no progress bar when stderr is not a terminal
+    # off a terminal: plain progress lines, no carriage-return bar
+    assert "\r" not in captured.err and all(" images, " in line for line in captured.err.splitlines())
