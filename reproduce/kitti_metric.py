@@ -159,41 +159,38 @@ def _clean(f: _Frame, cls: str, level: int, min_height: Sequence[float]) -> tupl
     return ig_gt, ig_det.astype(np.int8)
 
 
-def _statistics(f: _Frame, ig_gt: np.ndarray, ig_det: np.ndarray, min_overlap: float,
+def _statistics(iou: np.ndarray, score: np.ndarray, in_dc: np.ndarray, ig_gt: np.ndarray,
+                ig_det: np.ndarray, min_overlap: float,
                 thresh: float | None) -> tuple[int, int, int, list[float]]:
     """The devkit's ``computeStatistics`` for one image: ``(tp, fp, fn, tp_scores)``.
 
     ``thresh=None`` is the first pass (each GT takes the highest-scoring candidate, FPs are not
     counted); otherwise only detections scoring ``>= thresh`` take part and each GT, in file
     order, takes the candidate of largest IoU (the first one on ties, a non-ignored detection
-    before an ignored one), and FPs are counted, less those covered by a DontCare region.
+    before an ignored one), and FPs are counted, less those inside a DontCare region
+    (``in_dc``). ``iou`` is ``[D, G]``; the other arrays are per detection / per GT.
     """
     usable = ig_det != -1
     if thresh is not None:
-        usable = usable & (f.score >= thresh)
+        usable = usable & (score >= thresh)
     assigned = np.zeros(len(ig_det), dtype=bool)
     tp = fn = 0
     tp_scores: list[float] = []
     for i in np.flatnonzero(ig_gt != -1):
-        cand = usable & ~assigned & (f.iou[:, i] > min_overlap)
+        cand = usable & ~assigned & (iou[:, i] > min_overlap)
         if not cand.any():
             fn += int(ig_gt[i] == 0)
             continue
         if thresh is None:
-            j = int(np.argmax(np.where(cand, f.score, -np.inf)))
+            j = int(np.argmax(np.where(cand, score, -np.inf)))
         else:
             valid = cand & (ig_det == 0)
-            j = int(np.argmax(np.where(valid, f.iou[:, i], -np.inf)) if valid.any() else np.argmax(cand))
+            j = int(np.argmax(np.where(valid, iou[:, i], -np.inf)) if valid.any() else np.argmax(cand))
         assigned[j] = True
         if ig_gt[i] == 0 and ig_det[j] == 0:
             tp += 1
-            tp_scores.append(float(f.score[j]))
-    fp = 0
-    if thresh is not None:
-        left = usable & ~assigned & (ig_det == 0)
-        if f.dc_cover.shape[1]:
-            left &= ~(f.dc_cover > min_overlap).any(axis=1)
-        fp = int(np.count_nonzero(left))
+            tp_scores.append(float(score[j]))
+    fp = 0 if thresh is None else int(np.count_nonzero(usable & ~assigned & (ig_det == 0) & ~in_dc))
     return tp, fp, fn, tp_scores
 
 
@@ -241,27 +238,37 @@ def _pr_frames(frames: Sequence[_Frame], cls: str, difficulty: str | int, sampli
     thr = _min_overlap(cls, min_overlap)
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
-    flags = [_clean(f, cls, level, min_height) for f in frames]
-    n_gt = int(sum(np.count_nonzero(g == 0) for g, _ in flags))
+    # Per image: the detections that can match some GT ("near"), and the scores of the others
+    # that would be FPs ("lone": never a candidate, so FP exactly when above the threshold).
+    images = []
+    n_gt = 0
     tp_scores: list[float] = []
-    for f, (g, d) in zip(frames, flags):
-        tp_scores += _statistics(f, g, d, thr, None)[3]
+    for f in frames:
+        g, d = _clean(f, cls, level, min_height)
+        n_gt += int(np.count_nonzero(g == 0))
+        in_dc = (f.dc_cover > thr).any(axis=1)
+        near = (d != -1) & (f.iou[:, g != -1] > thr).any(axis=1)
+        lone = np.sort(f.score[~near & (d == 0) & ~in_dc])
+        sub = (f.iou[near], f.score[near], in_dc[near], g, d[near])
+        images.append((sub, lone))
+        tp_scores += _statistics(*sub, thr, None)[3]
     if sampling == "devkit":
         thresholds = np.array(devkit_thresholds(tp_scores, n_gt) if n_gt else [], dtype=np.float64)
     else:
         thresholds = np.unique(np.asarray(tp_scores, dtype=np.float64))[::-1]
     tp, fp, fn = (np.zeros(len(thresholds), dtype=np.int64) for _ in range(3))
-    for f, (g, d) in zip(frames, flags):
-        if not len(thresholds) or not ((g != -1).any() or (d != -1).any()):
+    for sub, lone in images:
+        fp += len(lone) - np.searchsorted(lone, thresholds, side="left")
+        score, ig_gt = sub[1], sub[3]
+        if not (ig_gt != -1).any():
             continue
-        # The outcome only changes at this image's own scores: evaluate each distinct set of
-        # surviving detections once (cheap when an image has few detections).
-        levels = np.sort(np.unique(f.score[d != -1]))
+        # The matching only changes at this image's own candidate scores: evaluate each
+        # distinct set of surviving candidates once.
+        levels = np.unique(score)
         key = np.searchsorted(levels, thresholds, side="left")
         for k in np.unique(key):
             at = key == k
-            t = levels[k] if k < len(levels) else math.inf
-            s = _statistics(f, g, d, thr, t)
+            s = _statistics(*sub, thr, levels[k] if k < len(levels) else math.inf)
             tp[at] += s[0]
             fp[at] += s[1]
             fn[at] += s[2]

@@ -316,3 +316,144 @@ def test_ground_truth_as_detections_on_the_kitti_sample():
             if n_gt >= 41:
                 assert average_precision(pr_curve(gts, dets, cls, level)) == 100
     assert exact["mAP_moderate"] == 100
+
+
+# --------------------------------------------------------------------------- literal devkit loop
+
+
+def _devkit_loop_ap(gts, dets, cls, level):
+    """A line-by-line Python rendering of the devkit's cleanData / computeStatistics /
+    getThresholds / eval_class (scalar loops, no numpy), as an independent reference for the
+    vectorised module. Returns (n_gt, R40, R11)."""
+    from reproduce.kitti_metric import MAX_OCCLUSION, MAX_TRUNCATION, MIN_HEIGHT
+    thr = {"car": 0.7, "pedestrian": 0.5, "cyclist": 0.5}[cls]
+    neighbour = {"car": "van", "pedestrian": "person_sitting"}.get(cls)
+
+    def overlap(a, b, own_area=False):
+        w, h = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+        if w <= 0 or h <= 0:
+            return 0.0
+        area_a, area_b = (a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1])
+        return w * h / (area_a if own_area else area_a + area_b - w * h)
+
+    def clean(gt, det):
+        ig_gt, n = [], 0
+        for g in gt:
+            t = g["type"].lower()
+            valid = 1 if t == cls else 0 if t == neighbour else -1
+            out = (valid >= 0 and (g["occluded"] > MAX_OCCLUSION[level] or g["truncated"] > MAX_TRUNCATION[level])
+                   or g["bbox"][3] - g["bbox"][1] < MIN_HEIGHT[level])
+            ig_gt.append(0 if valid == 1 and not out else 1 if valid == 0 or valid == 1 else -1)
+            n += ig_gt[-1] == 0
+        dc = [g for g in gt if g["type"].lower() == "dontcare"]
+        ig_det = [1 if int(abs(x["bbox"][1] - x["bbox"][3])) < MIN_HEIGHT[level]
+                  else 0 if x["type"].lower() == cls else -1 for x in det]
+        return ig_gt, dc, ig_det, n
+
+    def stats(gt, det, dc, ig_gt, ig_det, compute_fp, thresh=0.0):
+        no = -1e7
+        assigned = [False] * len(det)
+        low = [compute_fp and x["score"] < thresh for x in det]
+        tp = fp = fn = 0
+        v = []
+        for i, g in enumerate(gt):
+            if ig_gt[i] == -1:
+                continue
+            idx, valid, best, took_ignored = -1, no, 0.0, False
+            for j, x in enumerate(det):
+                if ig_det[j] == -1 or assigned[j] or low[j]:
+                    continue
+                o = overlap(x["bbox"], g["bbox"])
+                if not compute_fp and o > thr and x["score"] > valid:
+                    idx, valid = j, x["score"]
+                elif compute_fp and o > thr and (o > best or took_ignored) and ig_det[j] == 0:
+                    idx, valid, best, took_ignored = j, 1, o, False
+                elif compute_fp and o > thr and valid == no and ig_det[j] == 1:
+                    idx, valid, took_ignored = j, 1, True
+            if valid == no and ig_gt[i] == 0:
+                fn += 1
+            elif valid != no and (ig_gt[i] == 1 or ig_det[idx] == 1):
+                assigned[idx] = True
+            elif valid != no:
+                tp += 1
+                v.append(det[idx]["score"])
+                assigned[idx] = True
+        if compute_fp:
+            fp = sum(not (assigned[j] or ig_det[j] != 0 or low[j]) for j in range(len(det)))
+            for c in dc:
+                for j, x in enumerate(det):
+                    if assigned[j] or ig_det[j] != 0 or low[j]:
+                        continue
+                    if overlap(x["bbox"], c["bbox"], own_area=True) > thr:
+                        assigned[j] = True
+                        fp -= 1
+        return tp, fp, fn, v
+
+    n_gt, v, cleaned = 0, [], []
+    for gt, det in zip(gts, dets):
+        ig_gt, dc, ig_det, n = clean(gt, det)
+        n_gt += n
+        cleaned.append((dc, ig_gt, ig_det))
+        v += stats(gt, det, dc, ig_gt, ig_det, False)[3]
+    v.sort(reverse=True)
+    thresholds, current = [], 0.0
+    for i, s in enumerate(v):
+        l_rec = (i + 1) / n_gt
+        r_rec = (i + 2) / n_gt if i < len(v) - 1 else l_rec
+        if (r_rec - current) < (current - l_rec) and i < len(v) - 1:
+            continue
+        thresholds.append(s)
+        current += 1 / 40
+    precision = [0.0] * 41
+    for k, t in enumerate(thresholds):
+        tp = fp = 0
+        for (gt, det), (dc, ig_gt, ig_det) in zip(zip(gts, dets), cleaned):
+            a, b, _, _ = stats(gt, det, dc, ig_gt, ig_det, True, t)
+            tp, fp = tp + a, fp + b
+        precision[k] = tp / (tp + fp) if tp + fp else 0.0
+    precision = [max(precision[i:]) for i in range(41)]
+    return n_gt, sum(precision[1:]) / 40 * 100, sum(precision[::4]) / 11 * 100
+
+
+def _random_scenes(rng, n_images):
+    types = ["Car", "Car", "Car", "Van", "Pedestrian", "Pedestrian", "Person_sitting", "Cyclist",
+             "Truck", "DontCare"]
+
+    def box():
+        x, y = rng.uniform(0, 300), rng.uniform(0, 100)
+        return [round(x, 2), round(y, 2), round(x + rng.uniform(10, 120), 2), round(y + rng.uniform(15, 120), 2)]
+
+    gts, dets = [], []
+    for _ in range(n_images):
+        gt = [{"type": rng.choice(types), "truncated": rng.choice([0, 0, 0.1, 0.2, 0.4, 0.6]),
+               "occluded": rng.choice([0, 0, 1, 2, 3]), "bbox": box()} for _ in range(rng.randint(0, 6))]
+        det = []
+        for g in gt:
+            if g["type"] == "DontCare" or rng.random() < 0.2:
+                continue
+            kind = g["type"] if g["type"] in ("Car", "Pedestrian", "Cyclist") else rng.choice(["Car", "Pedestrian"])
+            for _ in range(1 + (rng.random() < 0.3)):          # sometimes a duplicate
+                b = [c + rng.gauss(0, 5) for c in g["bbox"]]
+                if b[2] > b[0] and b[3] > b[1]:
+                    det.append({"type": kind, "bbox": b, "score": round(rng.random(), 2)})  # ties
+        det += [{"type": rng.choice(["Car", "Pedestrian", "Cyclist"]), "bbox": box(),
+                 "score": round(rng.random(), 2)} for _ in range(rng.randint(0, 4))]
+        gts.append(gt)
+        dets.append(det)
+    return gts, dets
+
+
+@pytest.mark.filterwarnings("ignore:KITTI devkit sampling")
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_a_literal_devkit_loop_on_random_scenes(seed):
+    import random
+    gts, dets = _random_scenes(random.Random(seed), 60)
+    r40, r11 = kitti_ap(gts, dets), kitti_ap(gts, dets, recall_points=11)
+    for cls in ("Car", "Pedestrian", "Cyclist"):
+        for level, name in enumerate(("easy", "moderate", "hard")):
+            n_gt, want40, want11 = _devkit_loop_ap(gts, dets, cls.lower(), level)
+            if not n_gt:
+                assert math.isnan(r40[cls][name])
+                continue
+            assert r40[cls][name] == pytest.approx(want40, abs=1e-9), (cls, name)
+            assert r11[cls][name] == pytest.approx(want11, abs=1e-9), (cls, name)
