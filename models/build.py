@@ -1,8 +1,10 @@
 """Build a detector (and its criterion) from a config dict: one entry point for all code.
 
 Sizes: ``paper`` sizes equal the original repositories' defaults (d=256, 6+6 layers,
-300 / 900 queries, 4 levels; grade D for the paper itself, which does not list them);
-``mini`` sizes train on a 2-core CPU; ``tiny`` is for unit tests.
+300 / 900 queries, 4 levels; grade D for the paper itself, which does not list them) and start
+from torchvision's ImageNet weights as those repositories do (``backbone.weights: imagenet``; see
+models/backbone.py; pass ``weights: none`` to train from scratch); ``mini`` sizes train on a
+2-core CPU; ``tiny`` is for unit tests. The slim backbones of mini / tiny always start random.
 """
 from __future__ import annotations
 
@@ -22,15 +24,17 @@ DETECTORS = {"dab_detr": DABDETR, "deformable_detr": DeformableDETR, "dino": DIN
 # backbone levels each detector reads (DAB-DETR: C5 only; the others C3-C5 + extra levels)
 _SLIM_TINY = {"name": "slim", "widths": [8, 16, 16, 32], "depths": [1, 1, 1, 1], "stem": 8}
 _SLIM_MINI = {"name": "slim", "widths": [16, 32, 64, 128], "depths": [1, 1, 1, 1], "stem": 16}
+# every DETR of the paper initialises its ResNet from torchvision's IMAGENET1K_V1 (models/backbone.py)
+_IMAGENET = {"weights": "imagenet"}
 
 SIZES: dict[str, dict[str, dict]] = {
     "paper": {
-        "dab_detr": {"backbone": {"name": "resnet50", "levels": [5]}, "d_model": 256, "n_heads": 8,
+        "dab_detr": {"backbone": {"name": "resnet50", "levels": [5], **_IMAGENET}, "d_model": 256, "n_heads": 8,
                      "enc_layers": 6, "dec_layers": 6, "dim_feedforward": 2048, "num_queries": 300},
-        "deformable_detr": {"backbone": {"name": "resnet50", "levels": [3, 4, 5]}, "d_model": 256, "n_heads": 8,
-                            "enc_layers": 6, "dec_layers": 6, "dim_feedforward": 1024, "num_queries": 300,
-                            "num_feature_levels": 4, "enc_points": 4, "dec_points": 4},
-        "dino": {"backbone": {"name": "resnet50", "levels": [3, 4, 5]}, "d_model": 256, "n_heads": 8,
+        "deformable_detr": {"backbone": {"name": "resnet50", "levels": [3, 4, 5], **_IMAGENET}, "d_model": 256,
+                            "n_heads": 8, "enc_layers": 6, "dec_layers": 6, "dim_feedforward": 1024,
+                            "num_queries": 300, "num_feature_levels": 4, "enc_points": 4, "dec_points": 4},
+        "dino": {"backbone": {"name": "resnet50", "levels": [3, 4, 5], **_IMAGENET}, "d_model": 256, "n_heads": 8,
                  "enc_layers": 6, "dec_layers": 6, "dim_feedforward": 2048, "num_queries": 900,
                  "num_feature_levels": 4, "enc_points": 4, "dec_points": 4},
     },
@@ -86,10 +90,15 @@ def detector_config(detector: str, size: str = "paper", **overrides) -> dict:
     return cfg
 
 
-def build_detector(cfg: dict, num_classes: int) -> nn.Module:
+def build_detector(cfg: dict, num_classes: int, load_weights: bool = True) -> nn.Module:
+    """``load_weights=False`` skips loading ``backbone.weights`` (the choice is still checked;
+    the initialisation is identical): for a caller that loads a whole trained model over it,
+    which then needs no ImageNet file. Raises models.backbone.BackboneWeightsError (a
+    ValueError, one line) when the weights are not chosen, do not fit, or are unavailable."""
     cfg = deepcopy(cfg)
     name = cfg.pop("detector")
     backbone_cfg = cfg.pop("backbone")
+    backbone_cfg["load_weights"] = load_weights
     backbone_cfg["levels"] = tuple(backbone_cfg.get("levels", (3, 4, 5)))
     for key in ("widths", "depths"):
         if key in backbone_cfg:

@@ -456,7 +456,9 @@ def bench_train_step(args, tf, tf_reason) -> dict:
     set_threads(args.threads)
     c = TRAIN_QUICK if args.quick else TRAIN_CFG
     torch.manual_seed(0)
-    cfg = detector_config("deformable_detr", "paper", backbone={"name": "resnet18"}, d_model=c["d_model"],
+    # weights: none, a timing needs no ImageNet file (paper sizes default to imagenet)
+    cfg = detector_config("deformable_detr", "paper", backbone={"name": "resnet18", "weights": "none"},
+                          d_model=c["d_model"],
                           n_heads=c["heads"], enc_layers=c["enc_layers"], dec_layers=c["dec_layers"],
                           dim_feedforward=c["ffn"], num_queries=c["queries"], num_feature_levels=c["levels"],
                           enc_points=c["points"], dec_points=c["points"], dropout=0.0, with_box_refine=True,
@@ -698,7 +700,7 @@ def bench_models(args, *_):
             specs.append(dict(detector=d, size="mini", batch=8, height=128, width=416, warmup=1,
                               steps=max(3, args.repeats), label="mini"))
             specs.append(dict(detector=d, size="paper", batch=1, height=384, width=1248, warmup=1, steps=1,
-                              label="paper"))
+                              label="paper", overrides={"backbone": {"weights": "none"}}))
     for spec in specs:
         spec["threads"] = args.threads
         result = run_child(spec, timeout=900)

@@ -260,7 +260,7 @@ def load_detector(path: str | Path, detector: str | None, model_cfg: dict | None
     classes = int(num_classes or saved_classes or 0)
     if classes < 1:
         raise CheckpointError(f"{path}: holds no class count; give the dataset's")
-    model = build_detector(cfg, classes)
+    model = build_detector(cfg, classes, load_weights=False)   # the file's weights replace the backbone's
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from distill import METHODS, build_distiller
+from models.backbone import BackboneWeightsError
 from models.build import build_criterion, build_detector
 from reproduce import checkpoint as ckpt_io
 from reproduce import distributed as du
@@ -359,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = train(cfg, args.out, teacher=args.teacher, max_steps=args.max_steps, resume=args.resume,
                         device=args.device, show_progress=not args.no_progress,
                         allow_unfinished_teacher=args.allow_unfinished_teacher)
-    except (ConfigError, ckpt_io.CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, ckpt_io.CheckpointError, BackboneWeightsError, FileNotFoundError) as err:
         print(f"train: error: {err}", file=sys.stderr)
         return 1
     finally:

@@ -128,7 +128,8 @@ def test_injected_queries_do_not_change_detections(detector, tiny_batch):
 @pytest.mark.parametrize("detector", DETECTORS)
 def test_paper_scale_config_builds_and_runs(detector):
     torch.manual_seed(0)
-    cfg = detector_config(detector, "paper")
+    cfg = detector_config(detector, "paper", backbone={"weights": "none"})   # offline: no ImageNet file
+    assert detector_config(detector, "paper")["backbone"]["weights"] == "imagenet"
     assert cfg["d_model"] == 256 and cfg["enc_layers"] == 6 and cfg["dec_layers"] == 6
     model = build_detector(cfg, num_classes=3).eval()
     assert model.num_queries == (900 if detector == "dino" else 300)
