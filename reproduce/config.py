@@ -74,8 +74,5 @@ def deep_merge(base: dict, update: dict) -> dict:
 def write_json(path: str | Path, obj, default=str, sort_keys: bool = True) -> None:
     """Write JSON atomically (temp file, then rename), creating the parent folder: a reader
     never sees a half-written file, even if the writer is killed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys, default=default) + "\n")
-    tmp.replace(path)
+    from reproduce.outputs import write_text_atomic
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=default) + "\n")

@@ -25,8 +25,7 @@ import torch  # noqa: E402
 
 from distill.location_mask import memory_masks  # noqa: E402
 from distill.target_queries import TargetQueryGenerator  # noqa: E402
-from models import build_detector  # noqa: E402
-from reproduce.checkpoint import load_model_state  # noqa: E402
+from reproduce.checkpoint import load_detector  # noqa: E402
 from reproduce.outputs import atomic_path, describe_missing, refuse  # noqa: E402
 
 MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
@@ -45,13 +44,7 @@ def load_run_model(profile: str, detector: str, run: str, num_classes: int):
     path = run_dir(profile, detector, run) / "model.pth"
     if not path.is_file():
         return None
-    state, meta = load_model_state(path)
-    # model.pth carries its model config (model_cfg); a training checkpoint carries the run config
-    model_cfg = meta.get("model_cfg") or (meta.get("config") or {}).get("model")
-    if model_cfg is None:
-        raise ValueError(f"{path}: no model config stored with the weights")
-    model = build_detector(model_cfg, int(meta.get("num_classes") or num_classes))
-    model.load_state_dict(state)
+    model, _ = load_detector(path, detector, num_classes=num_classes)
     return model.eval()
 
 

@@ -387,7 +387,7 @@ def test_extraction_keeps_files_already_in_the_root(tmp_path, kitti_files):
 
 
 # --- extracted trees ----------------------------------------------------------------------
-def _kitti_tree(root: Path, image_sets: bool = True) -> Path:
+def kitti_tree(root: Path, image_sets: bool = True) -> Path:
     """The sample as a user would copy an extracted KITTI tree (label/image folders linked)."""
     (root / "training").mkdir(parents=True)
     for sub in ("image_2", "label_2"):
@@ -401,7 +401,7 @@ def _kitti_tree(root: Path, image_sets: bool = True) -> Path:
 
 
 def test_complete_extracted_tree_is_used_without_network(tmp_path, capsys):
-    root, arch = _kitti_tree(tmp_path / "kitti"), tmp_path / "arch"
+    root, arch = kitti_tree(tmp_path / "kitti"), tmp_path / "arch"
     before = sorted(p.relative_to(root) for p in root.rglob("*"))
     rc = dl.main(["kitti", "--root", str(root), "--archives", str(arch),
                   "--base-url", _closed_port_url()])
@@ -430,6 +430,6 @@ def test_incomplete_tree_offline_names_what_is_missing(tmp_path, capsys):
 
 def test_a_root_we_began_installing_is_not_taken_as_a_users_tree(tmp_path, kitti_files):
     """Markers mean this module extracts there: a half-done install may look complete."""
-    root = _kitti_tree(tmp_path / "kitti")
+    root = kitti_tree(tmp_path / "kitti")
     (root / ".extracted-data_object_label_2.zip").write_text("{}\n")
     assert dl.placed_tree_note(_table(kitti_files, "kitti"), root) is None

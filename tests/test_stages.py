@@ -7,10 +7,9 @@ samples in ../shared/data, linked into the tree, never copied into the repositor
 """
 from __future__ import annotations
 
-import re
-
 import hashlib
 import json
+import re
 import socket
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 
 from reproduce import download as dl
 from reproduce import stages
+from tests.test_download import kitti_tree
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
@@ -54,18 +54,6 @@ def run_stage(capsys, stage: str, profile: str) -> tuple[int, str, str]:
     return rc, captured.out, captured.err
 
 
-def place_kitti_tree(root: Path, image_sets: bool) -> None:
-    """What a user with an extracted KITTI copies to data/raw/kitti (folders linked here)."""
-    (root / "training").mkdir(parents=True)
-    for sub in ("image_2", "label_2"):
-        (root / "training" / sub).symlink_to(KITTI / "training" / sub, target_is_directory=True)
-    if image_sets:
-        (root / "ImageSets").mkdir()
-        for split in ("train", "val"):
-            (root / "ImageSets" / f"{split}.txt").write_bytes(
-                (KITTI / "ImageSets" / f"{split}.txt").read_bytes())
-
-
 def place_coco_tree(root: Path) -> None:
     root.mkdir(parents=True)
     for split in ("train2017", "val2017"):
@@ -81,7 +69,7 @@ def images_per_split(prepared: Path) -> dict[str, int]:
                                                (False, {"train": 51, "val": 50})])
 def test_placed_kitti_tree_is_used_then_prepared(workdir, capsys, image_sets, split):
     raw = workdir / "data" / "raw" / "kitti"
-    place_kitti_tree(raw, image_sets)
+    kitti_tree(raw, image_sets)
     before = sorted(p.relative_to(raw) for p in raw.rglob("*"))
 
     rc, out, err = run_stage(capsys, "raw", "kitti")
