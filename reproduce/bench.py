@@ -3,7 +3,7 @@
 Usage::
 
     python -m reproduce.bench [--quick] [--only NAME ...] [--repeats N] [--threads N]
-                              [--msda-threads LIST] [--out DIR] [--no-install]
+                              [--msda-threads LIST] [--out DIR]
 
 Benchmarks (each writes ``<out>/<name>.json``; the figure and the summary are rebuilt from every
 JSON present, so ``--only`` refreshes one part):
@@ -44,14 +44,8 @@ CPU, a co-tenant's load makes multi-threaded parallel regions wait for a desched
 which costs milliseconds per op and swamps the comparison; ``msda`` also runs at the
 machine's full thread count (``--msda-threads 1,all``) to show that effect.
 
-HF transformers is needed for the ``msda`` and ``train_step`` comparisons only. It lives in a
-separate hashed lock, ``requirements-bench.lock`` (compiled from ``requirements-bench.in``,
-pinned to the main lock, so installing it only adds packages). When ``transformers`` is not
-importable, the bench installs that lock into the running interpreter's environment with
-``.tools/bin/uv pip install --python <python> --require-hashes -r requirements-bench.lock``
-(a subprocess with an argument list, printed before it runs), unless ``--no-install`` or
-``--quick`` is given: then the HF comparisons are skipped, say so in their JSON, and the
-command to run is printed.
+HF transformers (in ``requirements.lock``, as the reference implementation) is needed for the
+``msda`` and ``train_step`` comparisons; where it is not importable they are skipped and say so.
 """
 from __future__ import annotations
 
@@ -79,8 +73,6 @@ import torch
 from reproduce.config import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH_LOCK = ROOT / "requirements-bench.lock"
-UV = ROOT / ".tools" / "bin" / "uv"
 BENCHMARKS = ("msda", "train_step", "distill_overhead", "models", "eval")
 DETECTORS = ("dab_detr", "deformable_detr", "dino")
 NUM_CLASSES = 3
@@ -95,37 +87,14 @@ TARGETS = {   # (benchmark, what, comparison, value)
 
 # ---------------------------------------------------------------------------- environment
 
-def install_command(python: str | None = None) -> list[str]:
-    return [str(UV), "pip", "install", "--python", python or sys.executable, "--require-hashes",
-            "-r", str(BENCH_LOCK)]
-
-
-def ensure_transformers(allow_install: bool) -> tuple[object | None, str | None]:
-    """``(transformers module, None)`` or ``(None, why not)``; installs the bench lock when
-    allowed and transformers is missing."""
-    try:
-        return importlib.import_module("transformers"), None
-    except ImportError:
-        pass
-    cmd = install_command()
-    if not allow_install:
-        msg = ("transformers is not installed: HF comparisons skipped. Install the bench extras with\n    "
-               + " ".join(cmd))
-        print(msg, file=sys.stderr)
-        return None, "transformers not installed"
-    if not UV.is_file() or not BENCH_LOCK.is_file():
-        print(f"transformers is missing and {UV} or {BENCH_LOCK} is absent (run `make env` first); "
-              "HF comparisons skipped", file=sys.stderr)
-        return None, "transformers not installed (no uv or lock to install it)"
-    print("transformers is missing; installing the bench lock:\n    " + " ".join(cmd), file=sys.stderr)
-    result = subprocess.run(cmd, cwd=ROOT, check=False)
-    if result.returncode != 0:
-        return None, f"installing {BENCH_LOCK.name} failed (exit {result.returncode})"
-    importlib.invalidate_caches()
+def import_transformers() -> tuple[object | None, str | None]:
+    """``(transformers module, None)`` or ``(None, why not)``."""
     try:
         return importlib.import_module("transformers"), None
     except ImportError as exc:
-        return None, f"transformers still not importable after install: {exc}"
+        print(f"transformers is not importable ({exc}): HF comparisons skipped; run `make env`",
+              file=sys.stderr)
+        return None, "transformers not installed"
 
 
 def cpu_model() -> str:
@@ -1046,8 +1015,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--msda-threads", type=_thread_list, default=None,
                    help="thread counts for msda, e.g. '1,all' (default: --threads and all cores)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench", help="output folder")
-    p.add_argument("--no-install", action="store_true",
-                   help="never install requirements-bench.lock; skip HF comparisons if transformers is missing")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p
 
@@ -1069,7 +1036,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     selected = args.only or list(BENCHMARKS)
     tf, tf_reason = None, None
     if {"msda", "train_step"} & set(selected):
-        tf, tf_reason = ensure_transformers(allow_install=not (args.quick or args.no_install))
+        tf, tf_reason = import_transformers()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     for name in selected:

@@ -1,7 +1,7 @@
 """reproduce.bench: the --quick smoke run writes valid JSON, the summary and the figure; the
 statistics helpers; and the ``gather`` implementation of deformable attention that the msda
 benchmark measures (tests/test_models.py covers the ``grid_sample`` one at its tiny shapes).
-HF comparisons are skipped when transformers is not installed (requirements-bench.lock)."""
+HF comparisons are skipped when transformers is not installed (see requirements.lock)."""
 from __future__ import annotations
 
 import importlib.util
@@ -90,7 +90,7 @@ def test_stats_and_ratios():
     assert len(times["x"]) == 3 and calls[:2] == ["x", "y"] and calls[2:] == ["x", "y", "y", "x", "x", "y"]
 
 
-@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers not installed (requirements-bench.lock)")
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers not installed (see requirements.lock)")
 def test_hf_core_matches_ours_on_identical_inputs():
     import transformers
     case = dict(batch=2, shapes=[(6, 10), (3, 5)], heads=2, head_dim=4, points=2, queries=7)
@@ -105,7 +105,7 @@ def test_hf_core_matches_ours_on_identical_inputs():
 def test_quick_run_writes_valid_json(tmp_path):
     threads, cwd = torch.get_num_threads(), os.getcwd()
     try:
-        assert bench.main(["--quick", "--no-install", "--out", str(tmp_path)]) == 0
+        assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
     finally:
         torch.set_num_threads(threads)
         os.chdir(cwd)
