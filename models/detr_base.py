@@ -39,15 +39,19 @@ class DETRBase(nn.Module):
     """Backbone, per-level 1x1 projections to d_model (plus stride-2 extra levels), positions."""
 
     def __init__(self, backbone: Backbone, d_model: int, num_feature_levels: int, num_classes: int,
-                 pos_temperature: float = 10000.0):
+                 pos_temperature: float = 10000.0, pos_offset: float = -0.5, input_proj_norm: bool = True):
+        """``pos_offset``: see models.position_encoding.sine_position_embedding.
+        ``input_proj_norm``: GroupNorm after each 1x1 input projection (Deformable DETR, DINO);
+        DAB-DETR's single level has a plain 1x1 convolution."""
         super().__init__()
-        self.pos_temperature = pos_temperature
+        self.pos_temperature, self.pos_offset = pos_temperature, pos_offset
         self.backbone = backbone
         self.d_model, self.num_classes = d_model, num_classes
         self.num_feature_levels = num_feature_levels
         projections = []
         for ch in backbone.channels[:num_feature_levels]:
-            projections.append(nn.Sequential(nn.Conv2d(ch, d_model, 1), group_norm(d_model)))
+            norm = group_norm(d_model) if input_proj_norm else nn.Identity()
+            projections.append(nn.Sequential(nn.Conv2d(ch, d_model, 1), norm))
         in_ch = backbone.channels[-1]
         for _ in range(num_feature_levels - len(backbone.channels)):
             projections.append(nn.Sequential(nn.Conv2d(in_ch, d_model, 3, 2, 1), group_norm(d_model)))
@@ -73,7 +77,8 @@ class DETRBase(nn.Module):
             last = proj(last)
             features.append(last)
             masks.append(nn.functional.interpolate(pad_mask[None].float(), size=last.shape[-2:])[0].bool())
-        positions = [sine_position_embedding(m, self.d_model // 2, self.pos_temperature).to(f.dtype)
+        positions = [sine_position_embedding(m, self.d_model // 2, self.pos_temperature,
+                                             offset=self.pos_offset).to(f.dtype)
                      for f, m in zip(features, masks)]
         return features, masks, positions
 

@@ -8,19 +8,22 @@ from torch import Tensor
 
 
 def sine_position_embedding(
-    pad_mask: Tensor, num_feats: int, temperature: float = 10000.0, scale: float = 2 * math.pi
+    pad_mask: Tensor, num_feats: int, temperature: float = 10000.0, scale: float = 2 * math.pi,
+    offset: float = -0.5,
 ) -> Tensor:
     """2-D sine embedding of every cell, normalised to the *unpadded* extent (DETR, Sec. A.4).
 
     pad_mask: [B,H,W] bool, True on padding. Returns [B, 2*num_feats, H, W] (y features, then x).
+    ``offset`` is added to the 1-based cell count before normalising: -0.5 centres each cell, as
+    Deformable DETR does (fundamentalvision/Deformable-DETR models/position_encoding.py); DETR,
+    DAB-DETR and DINO (``PositionEmbeddingSineHW``) use 0.
     """
     not_mask = (~pad_mask).to(torch.float32)
     y_embed = not_mask.cumsum(1)
     x_embed = not_mask.cumsum(2)
     eps = 1e-6
-    # offset -0.5 centres each cell, as Deformable DETR does
-    y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * scale
-    x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * scale
+    y_embed = (y_embed + offset) / (y_embed[:, -1:, :] + eps) * scale
+    x_embed = (x_embed + offset) / (x_embed[:, :, -1:] + eps) * scale
     dim_t = torch.arange(num_feats, dtype=torch.float32, device=pad_mask.device)
     dim_t = temperature ** (2 * (dim_t // 2) / num_feats)
     pos_x = x_embed[..., None] / dim_t
