@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
-from tqdm import tqdm
+from reproduce.progress import Progress
+
 
 
 @dataclass(frozen=True)
@@ -172,8 +173,8 @@ def archive_url(archive: Archive, base_url: str | None) -> str:
 def file_digests(path: Path) -> dict[str, str]:
     """SHA-256 and MD5 of a file in one pass (reading a 19 GB zip twice would be wasteful)."""
     sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
-                                    desc=f"verify {path.name}", disable=None, leave=False) as bar:
+    with path.open("rb") as f, Progress(path.stat().st_size, f"verify {path.name}", unit="B",
+                                        min_interval=30.0) as bar:
         while block := f.read(CHUNK):
             sha.update(block)
             md5.update(block)
@@ -266,9 +267,8 @@ def _transfer(url: str, part: Path, timeout: float, expected_size: int | None) -
         total = offset + remaining if remaining is not None else expected_size
         _check_disk_space(part.parent, remaining)
         received = 0
-        with part.open(mode) as out, tqdm(total=total, initial=offset, unit="B",
-                                          unit_scale=True, desc=part.name[:-5],
-                                          disable=None) as bar:
+        with part.open(mode) as out, Progress(total or 0, part.name[:-5], unit="B", initial=offset,
+                                              min_interval=30.0) as bar:
             try:
                 while block := response.read(CHUNK):
                     out.write(block)
@@ -417,9 +417,11 @@ def _extract_zip(path: Path, dest: Path, prefixes: Sequence[str]) -> None:
     try:
         with zipfile.ZipFile(path) as zf:
             members = safe_members(zf, prefixes)
-            for info in tqdm(members, desc=f"extract {path.name}", unit="file", disable=None,
-                             leave=False):
-                zf.extract(info, dest)
+            with Progress(len(members), f"extract {path.name}", unit="files", rate_unit="file",
+                          min_interval=30.0) as bar:
+                for info in members:
+                    zf.extract(info, dest)
+                    bar.update()
     except zipfile.BadZipFile as exc:
         raise DownloadError(f"{path}: not a valid zip ({exc})") from exc
 

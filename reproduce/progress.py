@@ -20,6 +20,17 @@ def _is_tty(stream: TextIO) -> bool:
     return bool(isatty and isatty())
 
 
+def _amount(n: float, unit: str) -> str:
+    """Bytes in human units (``3.2 GB``); anything else as a plain count."""
+    if unit != "B":
+        return f"{n:.0f}" if float(n).is_integer() else f"{n:.1f}"
+    for prefix in ("", "k", "M", "G", "T"):
+        if abs(n) < 1000 or prefix == "T":
+            return f"{n:.0f} {prefix}B" if not prefix else f"{n:.1f} {prefix}B"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
@@ -30,30 +41,32 @@ class Progress:
     ``every``: items between two log lines (default: about ``LOG_LINES`` lines in all, plus
     the last); ``rate_unit``: the unit of the rate (``img/s``), default ``unit``.
     ``enabled=False`` prints nothing. ``stream`` defaults to stderr, so stdout keeps only a
-    tool's results. ``min_interval``: seconds between two log lines (the last line, at
-    ``total``, always prints), so a fast loop logs only its end."""
+    tool's results. ``min_interval``: seconds between two log lines (the
+    start counts as one), so a loop faster than that logs nothing. ``unit="B"`` counts bytes
+    (shown as kB/MB/GB); ``initial`` is where a resumed loop starts."""
 
     def __init__(self, total: int, desc: str, unit: str = "items", every: int | None = None,
                  rate_unit: str | None = None, enabled: bool = True, stream: TextIO | None = None,
-                 min_interval: float = 0.0):
+                 min_interval: float = 0.0, initial: int = 0):
         self.total, self.desc, self.unit, self.enabled = int(total), desc, unit, enabled
         self.rate_unit = rate_unit or unit
         self.stream = stream if stream is not None else sys.stderr
         self.every = max(1, int(every) if every else -(-self.total // LOG_LINES))
-        self.done, self._next_line, self._start = 0, self.every, time.monotonic()
+        self.initial = self.done = int(initial)
+        self._next_line, self._start = self.done + self.every, time.monotonic()
         self.min_interval, self._last_line = float(min_interval), self._start
         self._bar = None
         if enabled and _is_tty(self.stream):
             from tqdm import tqdm
-            self._bar = tqdm(total=self.total, desc=desc, unit=self.rate_unit, file=self.stream, dynamic_ncols=True,
-                             leave=False)
+            self._bar = tqdm(total=self.total, initial=self.initial, desc=desc, unit=self.rate_unit,
+                             unit_scale=unit == "B", file=self.stream, dynamic_ncols=True, leave=False)
 
     def update(self, n: int = 1) -> None:
         self.done += n
         if self._bar is not None:
             self._bar.update(n)
-        elif self.enabled and (self.done == self.total or (
-                self.done >= self._next_line and time.monotonic() - self._last_line >= self.min_interval)):
+        elif self.enabled and time.monotonic() - self._last_line >= self.min_interval and (
+                self.done == self.total or self.done >= self._next_line):
             self._line()
             self._last_line = time.monotonic()
             while self._next_line <= self.done:
@@ -61,8 +74,12 @@ class Progress:
 
     def _line(self) -> None:
         elapsed = time.monotonic() - self._start
-        rate = self.done / elapsed if elapsed > 0 else float("inf")
-        text = f"{self.desc}: {self.done}/{self.total} {self.unit}, {rate:.1f} {self.rate_unit}/s"
+        rate = (self.done - self.initial) / elapsed if elapsed > 0 else float("inf")
+        if self.unit == "B":
+            of = f" of {_amount(self.total, 'B')}" if self.total > 0 else ""
+            text = f"{self.desc}: {_amount(self.done, 'B')}{of}, {_amount(rate, 'B')}/s"
+        else:
+            text = f"{self.desc}: {self.done}/{self.total} {self.unit}, {rate:.1f} {self.rate_unit}/s"
         if 0 < self.done < self.total and rate > 0:
             text += f", ~{_duration((self.total - self.done) / rate)} left"
         print(text, file=self.stream, flush=True)

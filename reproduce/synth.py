@@ -913,10 +913,10 @@ def generate(out_dir, *, seed: int = 0, num_train: int = 2000, num_val: int = 30
         job = {"root": str(tmp), "seed": seed, "width": width, "height": height,
                "difficulty": float(difficulty)}
         counts: dict[str, int] = {}
-        from tqdm import tqdm
-        # disable=None: a bar on a terminal, none in a log file (no CR-separated updates)
-        with tqdm(total=len(tasks), desc="synth", unit="img",
-                  disable=None if progress else True) as bar:
+        from reproduce.progress import Progress
+        # a bar on a terminal, a line now and then in a log file (no CR-separated updates)
+        with Progress(len(tasks), "synth", unit="images", rate_unit="img", enabled=progress,
+                      min_interval=5.0) as bar:
             if workers == 1:
                 _init_worker(job)
                 results = map(_write_one, tasks)
