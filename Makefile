@@ -37,12 +37,11 @@ $(SYNCED): requirements.lock | $(UV)
 
 env: $(SYNCED)
 
-# DVC runs stages one at a time; the training stages go JOBS at a time through the driver
-# (the stage commands themselves, then `dvc commit`), the rest through `dvc repro`.
+# DVC runs stages one at a time; the runner takes dvc.yaml's out-of-date stages JOBS at a time
+# (their own commands, then `dvc commit`); the final `dvc repro` then finds nothing to do.
 JOBS ?= 2
 repro: $(SYNCED)
-	$(VENV)/bin/dvc repro prepare
-	$(PY) -m reproduce.experiments pipeline --jobs $(JOBS)
+	$(PY) -m reproduce.pipeline.parallel --jobs $(JOBS)
 	$(VENV)/bin/dvc repro
 
 seeds: $(SYNCED)

@@ -12,11 +12,6 @@ the pipeline's, under ``results/<profile>/<detector>/``:
   pipeline's seed), tagged ``ablation`` in
   their metrics so ``reproduce.tables`` puts them in the ablation table;
 * ``runs``: any list of runs and seeds, e.g. the pipeline's own runs two at a time;
-* ``pipeline`` (``make repro``): the teacher, student, distill and evaluate stages of dvc.yaml
-  that ``dvc status`` reports as changed, with the stage commands themselves, N at a time, then
-  ``dvc commit`` of exactly those stages. DVC runs stages one by one; this is how the default
-  pipeline fits its time budget on 2 cores. ``dvc repro`` afterwards has no training left to do.
-
 A run whose metrics file exists is skipped, and an interrupted training resumes from its
 checkpoint, so the driver can be stopped and started again. ``--jobs N`` runs N trainings at
 once with one torch thread each (on 2 cores, 2 jobs give about 1.4x the throughput of one
@@ -26,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -58,8 +52,6 @@ class Job:
     metrics: Path
     overrides: list[str] = field(default_factory=list)
     ablation: str | None = None
-    train: bool = True            # False: the model is up to date, only evaluate it
-    resume: str = "auto"          # reproduce.train --resume; DVC stages use "unfinished"
 
     @property
     def name(self) -> str:
@@ -97,48 +89,12 @@ def plan(params: dict, command: str, detectors: list[str], runs: list[str], seed
     return jobs
 
 
-def stage_names(detector: str, run: str) -> tuple[str, str]:
-    """dvc.yaml's training and evaluation stage names of one of the pipeline's runs."""
-    train = f"{run}@{detector}" if run in ("teacher", "student") else f"distill@{detector}-{run}"
-    return train, f"evaluate@{detector}-{run}"
-
-
-def stale_pipeline_jobs(params: dict, stale: set[str], detectors: list[str], runs_root: Path,
-                        results_root: Path) -> list[Job]:
-    """The pipeline's runs (default seed) whose training or evaluation stage is in ``stale``
-    (``dvc status``), with changes carried downstream as ``dvc repro`` would: a retrained
-    teacher retrains its detector's KD runs, and a retrained model is evaluated again."""
-    runs = ["teacher", "student", *params["methods"]]
-    jobs = []
-    for job in plan(params, "runs", detectors, runs, [int(params["seed"])], runs_root, results_root):
-        train_stage, evaluate_stage = stage_names(job.detector, job.run)
-        retrain = train_stage in stale or (job.run not in ("teacher", "student")
-                                           and stage_names(job.detector, "teacher")[0] in stale)
-        if retrain or evaluate_stage in stale:
-            job.train, job.resume = retrain, "unfinished"
-            jobs.append(job)
-    return jobs
-
-
-def dvc(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True, check=False)
-
-
-def dvc_stale_stages() -> set[str]:
-    result = dvc("status", "--json")
-    if result.returncode != 0:
-        raise RuntimeError(f"dvc status failed: {result.stderr.strip()}")
-    return set(json.loads(result.stdout or "{}"))
-
-
 def commands(job: Job, profile: str, runs_root: Path) -> list[list[str]]:
     """``reproduce.train`` then ``reproduce.evaluate``: for the default seed, dvc.yaml's own
     stage commands (tests/test_experiments.py checks that they agree)."""
     py = sys.executable
     train = [py, "-m", "reproduce.train", "--detector", job.detector, "--profile", profile,
              "--seed", str(job.seed), "--out", str(job.run_dir)]
-    if job.resume != "auto":
-        train += ["--resume", job.resume]
     train += ["--no-progress"]
     if job.run == "teacher":
         train += ["--role", "teacher"]
@@ -152,7 +108,7 @@ def commands(job: Job, profile: str, runs_root: Path) -> list[list[str]]:
                 "--detector", job.detector, "--profile", profile, "--out", str(job.metrics)]
     if job.ablation:
         evaluate += ["--ablation", job.ablation]
-    return [train, evaluate] if job.train else [evaluate]
+    return [train, evaluate]
 
 
 def execute(job: Job, profile: str, runs_root: Path, threads: int) -> tuple[Job, float, int]:
@@ -172,7 +128,7 @@ def execute(job: Job, profile: str, runs_root: Path, threads: int) -> tuple[Job,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reproduce.experiments", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("seeds", "ablations", "runs", "pipeline"))
+    parser.add_argument("command", choices=("seeds", "ablations", "runs"))
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--profile")
     parser.add_argument("--detectors", help="comma-separated (default: params detectors)")
@@ -202,18 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(runs) - {"teacher", "student", *params["methods"]}
     if unknown:
         parser.error(f"unknown runs {sorted(unknown)}; choose from teacher, student, {', '.join(params['methods'])}")
-    if args.command == "pipeline":
-        if args.profile or args.seeds or args.runs or args.params != "params.yaml":
-            parser.error("pipeline runs dvc.yaml's stages: set the profile in params.yaml (dvc repro -S ...)")
-        todo = stale_pipeline_jobs(params, dvc_stale_stages(), detectors, args.runs_root, args.results_root)
-        print(f"{len(todo)} pipeline runs out of date (dvc status): {sum(j.train for j in todo)} to train, "
-              f"{sum(not j.train for j in todo)} to evaluate only")
-    else:
-        jobs = plan(params, args.command, detectors, runs, seeds, args.runs_root, args.results_root)
-        todo = [j for j in jobs if not j.metrics.exists()]
-        print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already have metrics, {len(todo)} to run")
+    jobs = plan(params, args.command, detectors, runs, seeds, args.runs_root, args.results_root)
+    todo = [j for j in jobs if not j.metrics.exists()]
+    print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already have metrics, {len(todo)} to run")
     for job in todo:
-        print("  " + job.name + ("" if job.train else " (evaluate only)"))
+        print("  " + job.name)
     if args.dry_run or not todo:
         return 0
     # teachers first: every KD run of a detector needs its teacher's model.pth
@@ -260,18 +209,6 @@ def main(argv: list[str] | None = None) -> int:
         list(pool.map(work, todo))
     if failed:
         return 1
-    if args.command == "pipeline":
-        # record exactly the stages just run, as `dvc repro` would have after running them
-        stages = set()
-        for job in todo:
-            train_stage, evaluate_stage = stage_names(job.detector, job.run)
-            stages |= {train_stage, evaluate_stage} if job.train else {evaluate_stage}
-        stages = sorted(stages)
-        result = dvc("commit", "--force", *stages)
-        if result.returncode != 0:
-            print(f"dvc commit failed: {result.stderr.strip()}", file=sys.stderr)
-            return 1
-        print(f"dvc commit: {len(stages)} stages recorded")
     return 0
 
 
