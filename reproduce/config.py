@@ -24,8 +24,9 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def load_params(path: str | Path = PARAMS_FILE, overrides: list[str] | None = None) -> dict:
-    """Load ``params.yaml`` with ``yaml.safe_load`` and apply ``key.sub=value`` overrides."""
+def load_params(path: str | Path = PARAMS_FILE) -> dict:
+    """Load ``params.yaml`` with ``yaml.safe_load``. Overrides (``-S key=value``) have one
+    parser, reproduce.runconfig.apply_overrides, which also checks keys and types."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found (run from the repository root)")
@@ -33,11 +34,6 @@ def load_params(path: str | Path = PARAMS_FILE, overrides: list[str] | None = No
         params = yaml.safe_load(f) or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r}: expected key.sub=value")
-        set_dotted(params, key, yaml.safe_load(value))
     return params
 
 
