@@ -14,6 +14,8 @@ from torch import Tensor, nn
 from models.criterion import SetCriterion
 from models.outputs import DetectorOutput, QueryGroup
 
+from .options import resolve_options
+
 
 def freeze(model: nn.Module) -> nn.Module:
     model.eval()
@@ -28,14 +30,19 @@ class Distiller(nn.Module):
 
     name = "student"
     needs_teacher = False
+    # option -> default; every method declares its own and always has ``kd_weight``, the one
+    # outer scalar multiplying all its KD losses (1.0 = the paper's weights; what a tuning sweep
+    # varies). Unknown options are rejected (distill/options.py).
+    DEFAULTS: dict = {}
 
     def __init__(self, student: nn.Module, criterion: SetCriterion, teacher: nn.Module | None = None,
                  cfg: dict | None = None):
         super().__init__()
         self.student = student
         self.criterion = criterion
-        self.cfg = dict(cfg or {})
-        self.weights: dict[str, float] = {}     # KD loss name -> weight, filled by subclasses
+        self.cfg = resolve_options(self.name, type(self).DEFAULTS, cfg)
+        self.kd_weight = float(self.cfg.get("kd_weight", 1.0))
+        self.weights: dict[str, float] = {}     # KD loss name -> inner weight, filled by subclasses
         if self.needs_teacher and teacher is None:
             raise ValueError(f"method {self.name!r} needs a teacher checkpoint (--teacher)")
         object.__setattr__(self, "teacher", freeze(teacher) if teacher is not None else None)
@@ -77,12 +84,13 @@ class Distiller(nn.Module):
         return losses
 
     def total(self, losses: dict[str, Tensor]) -> Tensor:
-        """Weighted sum: detection losses with the criterion's weights, KD losses with the method's."""
+        """Weighted sum: detection losses with the criterion's weights, KD losses with the method's
+        inner weights times its outer ``kd_weight``."""
         det = {k: v for k, v in losses.items() if k not in self.weights}
         total = self.criterion.total(det)
         for key, weight in self.weights.items():
             if key in losses:
-                total = total + weight * losses[key]
+                total = total + self.kd_weight * weight * losses[key]
         return total
 
     def trainable_parameters(self):

@@ -8,9 +8,29 @@ L = L_det(student) + w_lcmd * L_lcmd + w_tcld * L_tcld
 * L_tcld, target-aware consistent logit distillation (Sec. 3.2): queries built from the GT
   (distill/target_queries.py) go through both decoders behind an attention mask; the student's
   class and box outputs follow the teacher's, query by query, at every decoder layer, weighted
-  by the teacher's confidence (grade B/C).
+  by the teacher's confidence.
+
+Outer weight: ``kd_weight`` (default 1) multiplies both terms; ``lcmd_weight`` / ``tcld_weight``
+are the inner weights of the two parts (the mini profile sets lcmd_weight, see params.yaml).
 
 Every choice the paper's available text does not settle is a key of ``DEFAULTS`` with its grade.
+Against the first author's GKD code (lanqz7766/GKD mmdet/models/detectors/detr_distill.py):
+- box terms (grade B): per query, L1 *averaged* over the 4 coordinates (``l1_reduction: mean``)
+  x 5 and 1 - GIoU x 2, weighted by the teacher's max sigmoid score and divided by the sum of
+  weights, at every decoder stage;
+- class term (grade C): GKD's ``loss_kl_div`` is called with the teacher's logits as the
+  prediction and the student's as the (detached) target, so in GKD it gives the student no
+  gradient at all; only its form is borrowed: softmax KL at T = 10, x T^2, *averaged* over
+  classes (``cls_reduction: mean``; ``sum`` = our earlier form). GKD sums it over queries with
+  the weights unnormalised (``cls_norm: none``); we divide by the sum of weights as for the box
+  terms (``cls_norm: sum_w``, grade C) so the term does not grow with the number of objects;
+- positional part of the queries: grade C (see distill/target_queries.py);
+- the weight is the teacher's confidence (``query_weight: teacher``, GKD, grade B). The paper
+  argues against blindly believing the teacher; ``query_weight: teacher_gt`` (grade C) uses
+  the teacher's probability of the query's GT class instead (general queries keep the max);
+- decoder layers of unequal depth are paired by the shared rule of distill/layers.py (grade D);
+- memory masks: FGD-style (distill/gt_masks.py), box extent ``mask_extent`` (``overlap``, our
+  earlier reading, grade C; ``inclusive`` = FGD's).
 """
 from __future__ import annotations
 
@@ -22,7 +42,11 @@ from models.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 from models.outputs import DetectorOutput, GroupOutput
 
 from .base import Distiller
+from .features import token_adapter, token_level_maps
+from .gt_masks import EXTENTS
+from .layers import paired_layer
 from .location_mask import memory_masks
+from .options import check_choice
 from .target_queries import TargetQueryGenerator
 
 DEFAULTS = {
@@ -33,24 +57,30 @@ DEFAULTS = {
     "alpha": 5.0e-5,           # foreground weight (grade C; tuned for tens of thousands of tokens)
     "beta": 1.0e-7,            # background weight (grade C)
     "location_mask": True,     # ablation: False = plain MSE over all image cells, weight alpha
+    "mask_extent": "overlap",  # box extent on the grid: overlap (grade C) | inclusive (FGD's)
     "positional": False,       # add each model's positional embedding to its memory (grade C)
     "feature_source": "memory",  # ablation: "memory" (the paper) or "backbone" (projected neck maps)
-    "copies": 1,               # GT repeats (author's earlier code: 3; grade B)
-    "num_random": 0,           # extra fixed general queries (grade B)
+    "copies": 1,               # GT repeats (GKD: 3; grade B); no effect on the loss, see target_queries.py
+    "num_random": 0,           # extra fixed general queries, own content row each (grade B)
     "content_source": "table",  # fixed random class table (grade B) or "label_embedding"
-    "cls_loss": "kl",          # "kl": T^2 KL of softmax(z/T) (grade C); "bce": sigmoid BCE form
-    "temperature": 10.0,       # grade B (author's earlier code)
+    "cls_loss": "kl",          # "kl": T^2 KL of softmax(z/T) (GKD's form, grade C); "bce": sigmoid BCE form
+    "cls_reduction": "mean",   # over classes: mean (GKD) | sum (our earlier form)
+    "cls_norm": "sum_w",       # over queries: sum_w (divide by the weights' sum, grade C) | none (GKD)
+    "l1_reduction": "mean",    # over the 4 coordinates: mean (GKD, grade B) | sum (DETR's L1)
+    "query_weight": "teacher",  # teacher max score (GKD, grade B) | teacher_gt (GT-class score, grade C)
+    "temperature": 10.0,       # grade B (GKD)
     "cls_weight": 1.0,         # grade C
-    "l1_weight": 5.0,          # grade C
-    "giou_weight": 2.0,        # grade C
-    "all_layers": True,        # every decoder layer (grade C); False: last layer only
+    "l1_weight": 5.0,          # grade B (GKD)
+    "giou_weight": 2.0,        # grade B (GKD)
+    "all_layers": True,        # every decoder layer (GKD: every stage, grade B); False: last layer only
     "seed": 0,                 # seed of the fixed random tables
+    "kd_weight": 1.0,          # outer weight on both terms
 }
 
 
 def aligned_layer(student_layer: int, student_layers: int, teacher_layers: int) -> int:
-    """Teacher layer paired with a student layer when depths differ: last with last, evenly."""
-    return round((student_layer + 1) * teacher_layers / student_layers) - 1
+    """Teacher layer paired with a student layer (the shared rule of distill/layers.py)."""
+    return paired_layer(student_layer, student_layers, teacher_layers)
 
 
 class CLoCKDistill(Distiller):
@@ -60,17 +90,14 @@ class CLoCKDistill(Distiller):
 
     def __init__(self, student, criterion, teacher=None, cfg=None):
         super().__init__(student, criterion, teacher, {**DEFAULTS, **(cfg or {})})
-        unknown = set(self.cfg) - set(DEFAULTS)
-        if unknown:
-            raise ValueError(f"clockdistill: unknown options {sorted(unknown)}")
         c = self.cfg
-        if c["feature_source"] not in ("memory", "backbone"):
-            raise ValueError(f"feature_source must be memory or backbone, got {c['feature_source']!r}")
-        if c["cls_loss"] not in ("kl", "bce"):
-            raise ValueError(f"cls_loss must be kl or bce, got {c['cls_loss']!r}")
-        d_s, d_t = student.d_model, self.teacher.d_model
+        for key, choices in (("feature_source", ("memory", "backbone")), ("cls_loss", ("kl", "bce")),
+                             ("cls_reduction", ("mean", "sum")), ("cls_norm", ("sum_w", "none")),
+                             ("l1_reduction", ("mean", "sum")), ("query_weight", ("teacher", "teacher_gt")),
+                             ("mask_extent", EXTENTS)):
+            check_choice(self.name, key, c[key], choices)
         # an adapter only where channel counts differ (a 1x1 conv on the maps = a Linear on tokens)
-        self.adapter = nn.Linear(d_s, d_t) if d_s != d_t else nn.Identity()
+        self.adapter = token_adapter(student.d_model, self.teacher.d_model)
         self.queries = TargetQueryGenerator(student.num_classes, c["copies"], c["num_random"],
                                             c["content_source"], c["seed"])
         self.weights = {"loss_lcmd": c["lcmd_weight"], "loss_tcld": c["tcld_weight"]}
@@ -104,10 +131,7 @@ class CLoCKDistill(Distiller):
         tokens = out.memory + out.memory_pos if c["positional"] else out.memory
         if adapt:
             tokens = self.adapter(tokens)
-        maps = []
-        for (h, w), start in zip(out.spatial_shapes, out.level_start_index):
-            maps.append(tokens[:, start:start + h * w].transpose(1, 2).reshape(tokens.shape[0], -1, h, w))
-        return maps
+        return token_level_maps(tokens, out)
 
     def memory_loss(self, student_out: DetectorOutput, teacher_out: DetectorOutput, targets) -> Tensor:
         c = self.cfg
@@ -117,7 +141,7 @@ class CLoCKDistill(Distiller):
         student_maps = self.level_maps(student_out, adapt=True)
         teacher_maps = self.level_maps(teacher_out, adapt=False)
         masks = memory_masks(targets, teacher_out.memory_padding_mask, teacher_out.spatial_shapes,
-                             teacher_out.level_start_index, teacher_out.valid_ratios)
+                             teacher_out.level_start_index, teacher_out.valid_ratios, c["mask_extent"])
         batch = student_out.memory.shape[0]
         loss = student_out.memory.new_zeros(())
         for s_map, t_map, (location, scale, image) in zip(student_maps, teacher_maps, masks):
@@ -135,6 +159,7 @@ class CLoCKDistill(Distiller):
     def logit_loss(self, student: GroupOutput, teacher: GroupOutput) -> Tensor:
         c = self.cfg
         valid = student.group.valid                                   # [B,N]
+        labels = student.group.meta.get("labels")
         s_layers, t_layers = student.layer_logits.shape[0], teacher.layer_logits.shape[0]
         layers = range(s_layers) if c["all_layers"] else [s_layers - 1]
         total = student.layer_logits.new_zeros(())
@@ -142,18 +167,31 @@ class CLoCKDistill(Distiller):
             te = aligned_layer(e, s_layers, t_layers)
             z_s, z_t = student.layer_logits[e][valid].float(), teacher.layer_logits[te][valid].float()
             b_s, b_t = student.layer_boxes[e][valid].float(), teacher.layer_boxes[te][valid].float()
-            weight = z_t.sigmoid().max(-1).values.detach()            # teacher confidence
+            weight = self.query_weights(z_t.detach(), labels[valid] if labels is not None else None)
             norm = weight.sum().clamp(min=1e-6)
             temp = c["temperature"]
+            reduce = (lambda x: x.mean(-1)) if c["cls_reduction"] == "mean" else (lambda x: x.sum(-1))
             if c["cls_loss"] == "kl":
-                cls = F.kl_div(F.log_softmax(z_s / temp, -1), F.softmax(z_t / temp, -1), reduction="none").sum(-1)
+                cls = reduce(F.kl_div(F.log_softmax(z_s / temp, -1), F.softmax(z_t / temp, -1), reduction="none"))
             else:
-                cls = F.binary_cross_entropy_with_logits(z_s / temp, (z_t / temp).sigmoid(), reduction="none").sum(-1)
-                cls = cls - F.binary_cross_entropy_with_logits(z_t / temp, (z_t / temp).sigmoid(),
-                                                               reduction="none").sum(-1)   # zero at equality
+                cls = reduce(F.binary_cross_entropy_with_logits(z_s / temp, (z_t / temp).sigmoid(), reduction="none")
+                             - F.binary_cross_entropy_with_logits(z_t / temp, (z_t / temp).sigmoid(),
+                                                                  reduction="none"))   # zero at equality
             cls = cls * temp ** 2
-            l1 = (b_s - b_t).abs().sum(-1)
+            diff = (b_s - b_t).abs()
+            l1 = diff.mean(-1) if c["l1_reduction"] == "mean" else diff.sum(-1)
             giou = 1 - elementwise_generalized_box_iou(box_cxcywh_to_xyxy(b_s), box_cxcywh_to_xyxy(b_t))
-            per_query = c["cls_weight"] * cls + c["l1_weight"] * l1 + c["giou_weight"] * giou
-            total = total + (weight * per_query).sum() / norm
+            cls_norm = norm if c["cls_norm"] == "sum_w" else 1.0
+            total = total + c["cls_weight"] * (weight * cls).sum() / cls_norm
+            total = total + (weight * (c["l1_weight"] * l1 + c["giou_weight"] * giou)).sum() / norm
         return total
+
+    def query_weights(self, teacher_logits: Tensor, labels: Tensor | None) -> Tensor:
+        """Per-query weight: the teacher's max score, or (teacher_gt) its score of the GT class."""
+        prob = teacher_logits.sigmoid()
+        weight = prob.max(-1).values
+        if self.cfg["query_weight"] == "teacher_gt" and labels is not None:
+            is_gt = labels < prob.shape[-1]
+            gt_prob = torch.gather(prob, -1, labels.clamp(max=prob.shape[-1] - 1)[..., None])[..., 0]
+            weight = torch.where(is_gt, gt_prob, weight)
+        return weight.detach()

@@ -4,39 +4,44 @@ Paper: J. Chang, S. Wang, H.-M. Xu, Z. Chen, C. Yang, F. Zhao, *DETRDistill: A U
 Distillation Framework for DETR-families*, ICCV 2023 (code: BIVLab-USTC/DETRDistill, mmdet 2.x,
 Deformable DETR only). Three parts, each a set of loss keys here:
 
+Outer weight: ``kd_weight`` (default 1) multiplies every DETRDistill key.
+
 1. Hungarian-matching logits distillation (``loss_hmld_{cls,bbox,giou}``). The teacher's
    predictions are pseudo-targets; at every student decoder layer i they are matched one-to-one
    to the student's queries of that layer and the matched pairs are distilled.
-   Ours: teacher layer ceil((i+1) L_T / L_S) - 1 (``layers: all``; ``last`` = last layer only),
-   pseudo-targets = teacher queries whose max score exceeds ``score_threshold`` (default 0 =
-   all of them, as the public code's layer-by-layer path does). Targets are *soft*: the
-   teacher's per-class probabilities (the public code also fills the class targets with the
-   teacher's sigmoid scores). Class loss = soft focal (quality-focal form,
-   BCE(z_S, p_T) |p_T - sigmoid(z_S)|^gamma, summed over classes); unmatched student queries get
-   all-zero targets (``unmatched_background``); box losses L1 + (1 - GIoU) on matched pairs; all
-   normalised by the number of matched pairs and summed over layers. Weights: the detection
-   criterion's cls / bbox / giou weights.
-   Departure: the matching cost is the distillation loss itself (soft-focal class cost +
-   L1 + (1 - GIoU), weights ``match_cost_*``) instead of DETR's focal cost against hard labels,
-   so every cost is >= 0 and a student identical to the teacher matches itself at zero cost
-   (zero loss). The public code uses hard argmax labels in the assigner.
-2. Target-aware feature distillation (``loss_tafd``). For each teacher query q (last decoder
-   layer, state h_q) with score s_q = max class probability x best IoU with a GT box
-   (``feature_score: cls_iou``, the public code's cls x IoU; ``cls`` = score only; images
-   without GT use the score only), a per-level similarity map cos(h_q, F^T(x, y)); the mask is
-   the s-weighted mean over queries, clamped at 0 and divided by its per-image maximum; loss =
-   mean over valid cells and channels of (m F^T - m f(F^S))^2, averaged over levels, on the neck
-   features with a 1x1 adapter f only when widths differ.
-   Simplification: one mask from the teacher's last decoder layer, not one per decoder stage.
-3. Query-prior assignment distillation (``loss_qpad_{cls,bbox,giou}``). The teacher's queries
-   are decoded by the *student* as an extra isolated group (``teacher_queries``) and supervised
-   with the teacher's assignment: the GT Hungarian-matched (detection matcher) to each teacher
-   query; unmatched queries are background. Detection losses of every student layer, summed,
-   with the criterion's weights. Simplification: a teacher query enters the student as its
-   final box (anchor) with zero content (``qpad_content``), because the teacher's own
-   content/positional embeddings have the teacher's width; the public code feeds the
-   teacher's query embeddings directly (same width there). This part is a supervised loss, so
-   it is *not* zero for an identical student (the other two parts are).
+   Teacher layer by the shared rule (distill/layers.py; ``layers: all``; ``last`` = last layer
+   only), pseudo-targets = teacher queries whose max score exceeds ``score_threshold`` (default
+   0 = all of them, as the public code's layer-by-layer path does). Targets are *soft*: the
+   teacher's per-class sigmoid scores, and the class loss is plain sigmoid BCE against them, as
+   the public code (grade A); unmatched student queries get all-zero targets
+   (``unmatched_background``). The BCE is offset by the targets' entropy (a constant of the
+   teacher: the gradient is exactly the BCE's, sigmoid(z_S) - p_T), so an identical student
+   has zero loss. Box losses L1 + (1 - GIoU) on matched pairs; all normalised by the number of
+   matched pairs and summed over layers. Inner weights: the detection criterion's cls / bbox /
+   giou weights (grade D).
+   Departure (grade D): the matching cost is the distillation loss itself (entropy-offset BCE
+   class cost + L1 + (1 - GIoU), weights ``match_cost_*``) instead of DETR's focal cost
+   against hard argmax labels, so a student identical to the teacher matches itself at zero
+   cost.
+2. Target-aware feature distillation (``loss_tafd``), as the public code (grade A for the
+   structure): one mask per *teacher decoder stage*. At stage l the top ``tafd_topk`` (=100)
+   (query, class) pairs by teacher score are taken; pair (q, c) has weight s = p_T(q, c)
+   x best IoU of the query's stage-l box with a GT (``feature_score: cls_iou``; ``cls`` =
+   score only; images without GT use the score only), and a per-level similarity map
+   cos(h_q^l, F^T(x, y)) from the query's stage-l state. The stage mask is the s-weighted mean
+   of the pairs' maps, each clamped at 0, divided by its per-image maximum (grade C: our
+   normalisation). Loss = sum over stages and levels of the mean over valid cells and channels
+   of (m F^T - m f(F^S))^2, on the neck features with a 1x1 adapter f only when widths differ.
+3. Query-prior assignment distillation (``loss_qpad_{cls,bbox,giou}``). The teacher's own
+   detection queries (content and anchor exactly as its decoder received them,
+   distill/query_inputs.py; grade A) are decoded by the *student* as an extra isolated group
+   (``teacher_queries``) and supervised, stage by stage, with the teacher's assignment: at
+   student layer i the GT is Hungarian-matched (detection matcher) to the teacher's queries
+   using the teacher's predictions of its paired stage (grade A: per-stage assignments);
+   unmatched queries are background. Detection losses summed over layers, with the
+   criterion's weights. Only if the widths differ (not with the paper-built teachers) the
+   content is zero (grade D). This part is a supervised loss, so it is *not* zero for an
+   identical student (the other two parts are).
 Not reproduced: the optional contrastive (MoCo-style) head of the public code.
 """
 from __future__ import annotations
@@ -51,15 +56,11 @@ from models.criterion import _num_boxes
 from models.outputs import DetectorOutput, QueryGroup
 
 from .base import Distiller
-from .fitnet import FeatureAdapters, aligned_features, check_same_levels, masked_mean_sq, model_width
-from .kd_detr import box_losses, layer_pairs
-
-
-def soft_focal(logits: Tensor, targets: Tensor, gamma: float = 2.0) -> Tensor:
-    """Quality-focal-style loss with soft targets, per element; zero iff sigmoid(logits) == targets."""
-    prob = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    return ce * (targets - prob).abs().pow(gamma)
+from .features import FeatureAdapters, aligned_features, check_same_levels, masked_mean_sq, model_width
+from .layers import LAYER_MODES, layer_pairs
+from .logit_losses import box_losses, soft_bce
+from .options import check_choice
+from .query_inputs import detection_query_inputs
 
 
 class DETRDistill(Distiller):
@@ -72,7 +73,6 @@ class DETRDistill(Distiller):
     DEFAULTS = {
         "score_threshold": 0.0,    # pseudo-target filter; 0 = all teacher queries (public code); grade D
         "layers": "all",           # all | last; the paper distils stage by stage; grade B/D
-        "focal_gamma": 2.0,        # soft-focal exponent (focal-loss default); grade D
         "unmatched_background": True,  # zero targets for unmatched student queries; grade D
         "match_cost_cls": 2.0,     # matching cost weights (Deformable DETR matcher); grade D
         "match_cost_bbox": 5.0,
@@ -80,14 +80,18 @@ class DETRDistill(Distiller):
         "w_hmld_cls": None,        # None = the criterion's loss_cls weight; grade D
         "w_hmld_bbox": None,       # None = the criterion's loss_bbox weight; grade D
         "w_hmld_giou": None,       # None = the criterion's loss_giou weight; grade D
-        "feature_score": "cls_iou",  # cls_iou (public code) | cls; grade B/D
+        "feature_score": "cls_iou",  # cls_iou (public code, grade A) | cls
+        "tafd_topk": 100,          # (query, class) pairs per stage mask (public code); grade A
         "w_tafd": 1.0,             # feature-loss weight; grade D
         "qpad": True,              # query-prior assignment distillation on/off
         "w_qpad": 1.0,             # multiplier on the criterion's weights for the qpad keys; grade D
+        "kd_weight": 1.0,          # outer weight on every DETRDistill key
     }
 
     def __init__(self, student, criterion, teacher=None, cfg=None):
         super().__init__(student, criterion, teacher, {**self.DEFAULTS, **(cfg or {})})
+        check_choice(self.name, "layers", self.cfg["layers"], LAYER_MODES)
+        check_choice(self.name, "feature_score", self.cfg["feature_score"], ("cls_iou", "cls"))
         levels = check_same_levels(student, self.teacher, self.name)
         self.adapters = FeatureAdapters(model_width(student), model_width(self.teacher), levels)
         det = criterion.weight_dict
@@ -110,9 +114,8 @@ class DETRDistill(Distiller):
         if t_prob.shape[0] == 0:
             empty = torch.zeros(0, dtype=torch.long)
             return empty, empty
-        gamma = float(self.cfg["focal_gamma"])
-        c_cls = soft_focal(s_logits[:, None, :].expand(-1, t_prob.shape[0], -1),
-                           t_prob[None].expand(s_logits.shape[0], -1, -1), gamma).sum(-1)
+        c_cls = soft_bce(s_logits[:, None, :].expand(-1, t_prob.shape[0], -1),
+                         t_prob[None].expand(s_logits.shape[0], -1, -1)).sum(-1)
         c_l1 = torch.cdist(s_boxes, t_boxes, p=1)
         c_giou = 1 - generalized_box_iou(box_cxcywh_to_xyxy(s_boxes), box_cxcywh_to_xyxy(t_boxes))
         cost = (self.cfg["match_cost_cls"] * c_cls + self.cfg["match_cost_bbox"] * c_l1
@@ -140,58 +143,70 @@ class DETRDistill(Distiller):
             t_sel.append(cols)
         b_idx, s_idx, t_sel = torch.cat(b_idx), torch.cat(s_idx), torch.cat(t_sel)
         n = max(float(b_idx.numel()), 1.0)
-        per_query = soft_focal(s_logits, soft, float(self.cfg["focal_gamma"])).sum(-1)   # [B,Q_S]
+        per_query = soft_bce(s_logits, soft).sum(-1)                                     # [B,Q_S]
         if not self.cfg["unmatched_background"]:
             per_query = per_query * matched.float()
         l1, giou = box_losses(s_boxes[b_idx, s_idx], t_boxes[b_idx, t_sel])
         return per_query.sum() / n, l1.sum() / n, giou.sum() / n
 
     # -- (2) target-aware feature distillation --------------------------------------------------
-    def query_scores(self, teacher_out: DetectorOutput, targets: list[dict]) -> Tensor:
-        scores = teacher_out.layer_logits[-1].float().sigmoid().amax(-1)       # [B,Q_T]
+    def pair_weights(self, logits: Tensor, boxes: Tensor, targets: list[dict]) -> tuple[Tensor, Tensor]:
+        """Top-k (query, class) pairs of one teacher stage: (query index [B,k], weight [B,k])."""
+        prob = logits.float().sigmoid()                                        # [B,Q,K]
+        k = min(int(self.cfg["tafd_topk"]), prob.shape[1] * prob.shape[2])
+        score, flat = prob.flatten(1).topk(k, dim=1)
+        query = flat // prob.shape[2]
         if self.cfg["feature_score"] == "cls_iou":
-            boxes = box_cxcywh_to_xyxy(teacher_out.layer_boxes[-1].float())
+            xyxy = box_cxcywh_to_xyxy(boxes.float())
             ious = []
             for b, t in enumerate(targets):
                 if t["boxes"].numel() == 0:
-                    ious.append(torch.ones_like(scores[b]))
+                    ious.append(torch.ones(xyxy.shape[1], device=xyxy.device))
                 else:
-                    gt = box_cxcywh_to_xyxy(t["boxes"].to(boxes))
-                    ious.append(box_iou(boxes[b], gt)[0].amax(-1))
-            scores = scores * torch.stack(ious)
-        return scores
+                    ious.append(box_iou(xyxy[b], box_cxcywh_to_xyxy(t["boxes"].to(xyxy)))[0].amax(-1))
+            score = score * torch.gather(torch.stack(ious), 1, query)
+        return query, score
+
+    def stage_mask(self, states: Tensor, query: Tensor, weight: Tensor, ft: Tensor, valid: Tensor) -> Tensor:
+        """[B,H,W] mask of one stage on one level (see the module docstring)."""
+        h = torch.gather(states.float(), 1, query[..., None].expand(-1, -1, states.shape[-1]))
+        sim = torch.einsum("bkc,bchw->bkhw", F.normalize(h, dim=-1), F.normalize(ft, dim=1))
+        w = weight / weight.sum(1, keepdim=True).clamp(min=1e-6)
+        mask = torch.einsum("bk,bkhw->bhw", w, sim.clamp(min=0)) * valid.float()
+        return mask / mask.flatten(1).amax(1).clamp(min=1e-6)[:, None, None]
 
     def tafd(self, student_out: DetectorOutput, teacher_out: DetectorOutput, targets: list[dict]) -> Tensor:
-        scores = self.query_scores(teacher_out, targets)                         # [B,Q_T]
-        queries = F.normalize(teacher_out.layer_states[-1].float(), dim=-1)     # [B,Q_T,D_T]
-        weight = scores / scores.sum(1, keepdim=True).clamp(min=1e-6)
-        per_level = []
-        for fs, ft, valid in aligned_features(self.adapters, student_out, teacher_out):
-            sim = torch.einsum("bqc,bchw->bqhw", queries, F.normalize(ft, dim=1))
-            mask = torch.einsum("bq,bqhw->bhw", weight, sim).clamp(min=0) * valid.float()
-            mask = mask / mask.flatten(1).amax(1).clamp(min=1e-6)[:, None, None]
-            per_level.append(masked_mean_sq((mask[:, None] * (ft - fs)).pow(2), valid))
-        return torch.stack(per_level).mean()
+        pairs = aligned_features(self.adapters, student_out, teacher_out)
+        total = None
+        for stage in range(teacher_out.layer_logits.shape[0]):
+            query, weight = self.pair_weights(teacher_out.layer_logits[stage], teacher_out.layer_boxes[stage], targets)
+            for fs, ft, valid in pairs:
+                mask = self.stage_mask(teacher_out.layer_states[stage], query, weight, ft, valid)
+                loss = masked_mean_sq((mask[:, None] * (ft - fs)).pow(2), valid)
+                total = loss if total is None else total + loss
+        return total
 
     # -- (3) query-prior assignment distillation ------------------------------------------------
     def teacher_query_group(self, teacher_out: DetectorOutput) -> QueryGroup:
-        boxes = teacher_out.layer_boxes[-1].detach().float().clamp(1e-4, 1 - 1e-4)
-        content = boxes.new_zeros(*boxes.shape[:2], model_width(self.student))
-        return QueryGroup(name=self.GROUP, content=content, boxes=boxes, see_detection_queries=False)
+        content, anchors = detection_query_inputs(self.teacher, teacher_out)
+        if model_width(self.student) != model_width(self.teacher):
+            content = content.new_zeros(*anchors.shape[:2], model_width(self.student))
+        return QueryGroup(name=self.GROUP, content=content, boxes=anchors, see_detection_queries=False)
 
     def qpad(self, student_out: DetectorOutput, teacher_out: DetectorOutput, targets: list[dict]) -> dict:
         group = student_out.groups[self.GROUP]
-        indices = self.criterion.matcher(teacher_out.layer_logits[-1].float(),
-                                         teacher_out.layer_boxes[-1].float(), targets)
         device = group.layer_logits.device
-        batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)]).to(device)
-        src_idx = torch.cat([src for src, _ in indices]).to(device)
-        labels = torch.cat([t["labels"].to(device)[gt.to(device)] for t, (_, gt) in zip(targets, indices)])
-        boxes = torch.cat([t["boxes"].to(device)[gt.to(device)] for t, (_, gt) in zip(targets, indices)]).reshape(-1, 4)
         num_boxes = _num_boxes(targets, device)
         total: dict[str, Tensor] = {}
-        for layer in range(group.layer_logits.shape[0]):
-            losses = self.criterion.set_losses(group.layer_logits[layer], group.layer_boxes[layer], batch_idx,
+        for i, j in layer_pairs(group.layer_logits.shape[0], teacher_out.layer_logits.shape[0], "all"):
+            indices = self.criterion.matcher(teacher_out.layer_logits[j].float(),
+                                             teacher_out.layer_boxes[j].float(), targets)
+            batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)]).to(device)
+            src_idx = torch.cat([src for src, _ in indices]).to(device)
+            labels = torch.cat([t["labels"].to(device)[gt.to(device)] for t, (_, gt) in zip(targets, indices)])
+            boxes = torch.cat([t["boxes"].to(device)[gt.to(device)]
+                               for t, (_, gt) in zip(targets, indices)]).reshape(-1, 4)
+            losses = self.criterion.set_losses(group.layer_logits[i], group.layer_boxes[i], batch_idx,
                                                src_idx, labels, boxes, num_boxes)
             for key, value in losses.items():
                 name = key.replace("loss_", "loss_qpad_")

@@ -22,18 +22,22 @@ are FGD's published one-stage (RetinaNet) constants and exactly the values DETRD
 configs use for FGD-style losses on Deformable DETR's neck (cfg_distill/
 deformdetr_r101_2x_distill_r50_LayerbyLayer_CL_teachergroup.py); grade D for DETRs. FGD's
 two-stage (Faster R-CNN) constants are alpha 5e-5, beta 2.5e-5, gamma 5e-5, lambda 5e-7.
+Outer weight: ``kd_weight`` (default 1.0 = the constants above) multiplies all four terms.
+
+As FGD (grade A, yzd-v/FGD mmdet/distillation/losses/fgd.py):
+- the box extent on the grid is FGD's inclusive one (``mask_extent: inclusive``, see
+  distill/gt_masks.py; ``overlap`` keeps the earlier [floor, ceil) reading);
+- two GcBlocks per level, one for the student and one for the teacher, both trained by the
+  global loss and last-layer-zero-initialised, so R starts as the identity and an identical
+  student starts at zero global loss (``global_shared: True`` keeps the earlier one-block form).
 
 Departures from FGD (documented; grade D):
 - Padding cells are excluded everywhere (masks, attention softmaxes, global context, losses);
-  the attention's scale factor is the number of valid cells instead of H*W.
-- Box-to-grid mapping is vectorised; a box covers the cells it overlaps
-  (floor(x1) <= j < ceil(x2), at least one cell). FGD's loop also covers one extra row and
-  column (inclusive ceil) and divides by that larger area.
-- The GcBlock is *shared* between student and teacher by default (``global_shared``): the
-  loss is then exactly zero for an identical student whatever the block's weights. FGD uses two
-  separate blocks (student / teacher), both trainable and last-layer-zero-initialised; set
-  ``global_shared: False`` for that.
-- The channel adapter (1x1 conv) exists only when widths differ; FGD uses the same rule.
+  the attention's scale factor is the number of valid cells instead of H*W; boxes are mapped
+  onto their own image's cells (FGD maps image-normalised boxes onto the padded grid).
+- Box-to-grid mapping is vectorised (FGD loops over boxes; same masks).
+- The channel adapter (1x1 conv) exists only when widths differ; FGD uses the same rule
+  (none at all with the paper-built teachers, whose transformer equals the student's).
 """
 from __future__ import annotations
 
@@ -41,49 +45,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.box_ops import box_cxcywh_to_xyxy
-
 from .base import Distiller
-from .fitnet import FeatureAdapters, aligned_features, check_same_levels, model_width
+from .features import FeatureAdapters, aligned_features, check_same_levels, model_width
+from .gt_masks import EXTENTS, fg_bg_masks
+from .options import check_choice
 
 
-def gt_masks(targets: list[dict], valid: Tensor, valid_ratio: Tensor) -> tuple[Tensor, Tensor]:
-    """Foreground scale mask and normalised background mask of one level, vectorised.
-
-    ``valid`` [B,H,W] (True = image), ``valid_ratio`` [B,2] (w, h) fraction of the grid that is
-    image. GT boxes are normalised cxcywh relative to the image. Returns (fg, bg), each [B,H,W]:
-    fg = 1/area (in cells) of the smallest box covering the cell, 0 elsewhere; bg = 1/N_bg on
-    valid background cells (N_bg their count per image), 0 elsewhere.
-    """
-    batch, h, w = valid.shape
-    device = valid.device
-    n_max = max([int(t["boxes"].shape[0]) for t in targets] + [1])
-    boxes = torch.zeros(batch, n_max, 4, device=device)
-    present = torch.zeros(batch, n_max, dtype=torch.bool, device=device)
-    for b, t in enumerate(targets):
-        n = int(t["boxes"].shape[0])
-        if n:
-            boxes[b, :n] = t["boxes"].to(device=device, dtype=torch.float32)
-            present[b, :n] = True
-    xyxy = box_cxcywh_to_xyxy(boxes).clamp(0.0, 1.0)
-    # image-normalised -> grid cells: the image spans valid_ratio * (W, H) cells
-    scale = torch.stack([valid_ratio[:, 0] * w, valid_ratio[:, 1] * h] * 2, -1).to(xyxy)  # [B,4]
-    cells = xyxy * scale[:, None]
-    x0 = cells[..., 0].floor()
-    y0 = cells[..., 1].floor()
-    x1 = torch.maximum(cells[..., 2].ceil(), x0 + 1)
-    y1 = torch.maximum(cells[..., 3].ceil(), y0 + 1)
-    xs = torch.arange(w, device=device, dtype=cells.dtype)
-    ys = torch.arange(h, device=device, dtype=cells.dtype)
-    in_x = (xs >= x0[..., None]) & (xs < x1[..., None])          # [B,N,W]
-    in_y = (ys >= y0[..., None]) & (ys < y1[..., None])          # [B,N,H]
-    inside = in_y[..., :, None] & in_x[..., None, :] & present[..., None, None]   # [B,N,H,W]
-    area = ((x1 - x0) * (y1 - y0)).clamp(min=1.0)
-    fg = (inside.float() / area[..., None, None]).amax(1) * valid.float()
-    is_bg = (fg == 0) & valid
-    n_bg = is_bg.flatten(1).sum(1).clamp(min=1).float()
-    bg = is_bg.float() / n_bg[:, None, None]
-    return fg, bg
+def gt_masks(targets: list[dict], valid: Tensor, valid_ratio: Tensor, extent: str = "inclusive") -> tuple[Tensor, Tensor]:
+    """FGD's foreground scale mask and normalised background mask of one level, [B,H,W] each
+    (``valid`` True on image cells; see distill/gt_masks.py)."""
+    return fg_bg_masks(targets, valid, valid_ratio, extent)
 
 
 def attention(feature: Tensor, valid: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -133,11 +104,14 @@ class FGD(Distiller):
         "beta": 5e-4,           # bg weight: same provenance; grade D
         "gamma": 5e-4,          # attention-loss weight: same provenance; grade D
         "lambda": 5e-6,         # global-loss weight: same provenance; grade D
-        "global_shared": True,  # one GcBlock for both nets (ours); False = FGD's separate blocks
+        "global_shared": False,  # False: FGD's two GcBlocks (grade A); True: one shared block (ours)
+        "mask_extent": "inclusive",  # FGD's inclusive box extent (grade A) | overlap (grade C)
+        "kd_weight": 1.0,       # outer weight on all four terms (1 = FGD's constants)
     }
 
     def __init__(self, student, criterion, teacher=None, cfg=None):
         super().__init__(student, criterion, teacher, {**self.DEFAULTS, **(cfg or {})})
+        check_choice(self.name, "mask_extent", self.cfg["mask_extent"], EXTENTS)
         levels = check_same_levels(student, self.teacher, self.name)
         c_t = model_width(self.teacher)
         self.adapters = FeatureAdapters(model_width(student), c_t, levels)
@@ -150,7 +124,7 @@ class FGD(Distiller):
                      targets: list[dict]) -> dict[str, Tensor]:
         batch = fs.shape[0]
         temp = float(self.cfg["temperature"])
-        fg, bg = gt_masks(targets, valid, valid_ratio)
+        fg, bg = gt_masks(targets, valid, valid_ratio, self.cfg["mask_extent"])
         s_att_t, c_att_t = attention(ft, valid, temp)
         s_att_s, c_att_s = attention(fs, valid, temp)
         # teacher attention weights the squared error (FGD: sqrt-masks on both maps)

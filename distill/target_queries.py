@@ -1,11 +1,19 @@
 """Target-aware queries (CLoCKDistill Sec. 3.2): built from the ground truth once per batch and
 fed *identically* to the teacher and the student decoders.
 
-One query per GT object: position = the GT box as the 4-D anchor, content = an embedding of the
-GT class (grade B/C). Optionally the GT set is repeated (``copies``, each copy its own
-attention group, as the author's earlier code repeats it 3 times without noise) and fixed random
-"general" queries are appended (``num_random``, KD-DETR style). Everything is detached: the
-queries are not learned by distillation ("detached from the gradient graph", grade B).
+One query per GT object: position = the GT box as the 4-D anchor, which each model turns into
+its own positional query exactly as for its detection queries (grade C: the first author's GKD
+code, lanqz7766/GKD mmdet/models/detectors/detr_distill.py, instead passes the box through a
+frozen random MLP and uses random 2-D reference points); content = an embedding of the GT class
+from a fixed random table (grade B: GKD's distiller-owned label embedding). Optionally the GT set
+is repeated (``copies``, each copy its own attention group, as GKD repeats it 3 times without
+noise; grade B). Note: without noise the copies are identical and isolated, so they decode
+identically and under the sum-of-weights normalisation the loss and its gradient do not change
+with ``copies`` (measured: 0.498085 with 1 and with 3 copies); it only costs compute. Fixed random
+"general" queries can be appended (``num_random``; GKD's random queries, grade B), each with its
+*own* fixed random content row (as GKD's random query embedding table) and a fixed random box
+(grade C: GKD uses random 2-D points). Everything is detached: the queries are not learned by
+distillation ("detached from the gradient graph", grade B).
 """
 from __future__ import annotations
 
@@ -25,6 +33,8 @@ class TargetQueryPlan:
 
     boxes: Tensor          # [B,N,4] normalised cxcywh
     labels: Tensor         # [B,N]; num_classes for the random general queries and padding
+    content_rows: Tensor   # [B,N] table row: the label for GT queries, num_classes for padding,
+                           # num_classes + 1 + i for general query i (one row each)
     valid: Tensor          # [B,N]
     is_target: Tensor      # [B,N] True for GT-derived queries (not padding, not random)
     self_attn_mask: Tensor  # [N,N]
@@ -72,7 +82,9 @@ class TargetQueryGenerator(nn.Module):
                 labels[b, sl] = t["labels"].to(device)
                 valid[b, sl] = True
         is_target = valid.clone()
+        rows = labels.clone()
         if self.num_random:
+            rows[:, -self.num_random:] = self.num_classes + 1 + torch.arange(self.num_random, device=device)
             # fixed general queries (the same every batch): a seeded uniform layout
             g = torch.Generator().manual_seed(self.seed + 1)
             centres = torch.rand(self.num_random, 2, generator=g) * 0.9 + 0.05
@@ -82,13 +94,13 @@ class TargetQueryGenerator(nn.Module):
         group_id = torch.arange(n, device=device) // max(per_copy, 1)
         group_id[per_copy * self.copies:] = self.copies       # random queries: one more group
         mask = group_id[:, None] != group_id[None, :]
-        return TargetQueryPlan(boxes, labels, valid, is_target, mask)
+        return TargetQueryPlan(boxes, labels, rows, valid, is_target, mask)
 
     # -- per-model content -------------------------------------------------------------------
     def table(self, d_model: int, device: torch.device) -> Tensor:
         if d_model not in self._tables:
             g = torch.Generator().manual_seed(self.seed)
-            self._tables[d_model] = torch.randn(self.num_classes + 1, d_model, generator=g)
+            self._tables[d_model] = torch.randn(self.num_classes + 1 + self.num_random, d_model, generator=g)
         return self._tables[d_model].to(device)
 
     @torch.no_grad()
@@ -99,9 +111,13 @@ class TargetQueryGenerator(nn.Module):
             if embedding is None:
                 raise ValueError(f"{type(model).__name__} has no label embedding (train it with denoising, "
                                  "or use content_source: table)")
-            content = embedding.weight.detach()[plan.labels]
+            content = embedding.weight.detach()[plan.labels.clamp(max=self.num_classes)]
+            general = plan.content_rows > self.num_classes          # general queries keep their table rows
+            if general.any():
+                table = self.table(d_model, plan.boxes.device)[plan.content_rows]
+                content = torch.where(general[..., None], table, content)
         else:
-            content = self.table(d_model, plan.boxes.device)[plan.labels]
+            content = self.table(d_model, plan.boxes.device)[plan.content_rows]
         return QueryGroup(name="target", content=content.detach(), boxes=plan.boxes, valid=plan.valid,
                           self_attn_mask=plan.self_attn_mask, see_detection_queries=False,
-                          meta={"is_target": plan.is_target})
+                          meta={"is_target": plan.is_target, "labels": plan.labels})
