@@ -52,7 +52,10 @@ SIZES: dict[str, dict[str, dict]] = {
                             "num_feature_levels": 2, "enc_points": 2, "dec_points": 2, "dropout": 0.0},
         "dino": {"backbone": {**_SLIM_MINI, "levels": [4, 5]}, "d_model": 64, "n_heads": 4, "enc_layers": 1,
                  "dec_layers": 2, "dim_feedforward": 128, "num_queries": 30, "num_feature_levels": 2,
-                 "enc_points": 2, "dec_points": 2, "num_dn_queries": 30},
+                 "enc_points": 2, "dec_points": 2, "num_dn_queries": 30,
+                 # DINO's rule would keep 2 x 30 fixed groups of 2 x max_gt queries at this
+                 # budget (models/query_groups.py denoising_group_count); grade D
+                 "dn_groups": "dynamic"},
     },
     "tiny": {
         "dab_detr": {"backbone": {**_SLIM_TINY, "levels": [4]}, "d_model": 32, "n_heads": 2, "enc_layers": 1,
@@ -62,7 +65,7 @@ SIZES: dict[str, dict[str, dict]] = {
                             "num_feature_levels": 3, "enc_points": 2, "dec_points": 2, "dropout": 0.0},
         "dino": {"backbone": {**_SLIM_TINY, "levels": [4, 5]}, "d_model": 32, "n_heads": 2, "enc_layers": 1,
                  "dec_layers": 2, "dim_feedforward": 64, "num_queries": 12, "num_feature_levels": 3,
-                 "enc_points": 2, "dec_points": 2, "num_dn_queries": 12},
+                 "enc_points": 2, "dec_points": 2, "num_dn_queries": 12, "dn_groups": "dynamic"},
     },
 }
 
@@ -110,4 +113,6 @@ def build_detector(cfg: dict, num_classes: int, load_weights: bool = True) -> nn
 def build_criterion(detector: str, num_classes: int, weights: dict | None = None, **matcher_costs) -> SetCriterion:
     matcher = HungarianMatcher(**matcher_costs)
     weight_dict = {**LOSS_WEIGHTS[detector], **(weights or {})}
-    return SetCriterion(num_classes, matcher, weight_dict=weight_dict)
+    # Deformable DETR trains its two-stage encoder head as a binary foreground head (criterion)
+    return SetCriterion(num_classes, matcher, weight_dict=weight_dict,
+                        encoder_binary_labels=detector == "deformable_detr")

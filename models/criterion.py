@@ -81,8 +81,14 @@ class SetCriterion(nn.Module):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         aux_loss: bool = True,
+        encoder_binary_labels: bool = False,
     ):
+        """``encoder_binary_labels``: the encoder-output loss matches and trains with every GT
+        label set to 0 (Deformable DETR two-stage: fundamentalvision/Deformable-DETR
+        models/deformable_detr.py ``SetCriterion.forward``, ``bin_targets``); otherwise with the
+        full labels (DINO)."""
         super().__init__()
+        self.encoder_binary_labels = encoder_binary_labels
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = {**DEFAULT_WEIGHTS, **(weight_dict or {})}
@@ -198,10 +204,13 @@ class SetCriterion(nn.Module):
             add(layer_losses, "" if layer == last else f"_{layer}")
 
         if outputs.enc_logits is not None:
-            # DINO supervises the proposals with the full class targets. (Deformable DETR's
-            # two-stage variant binarises the labels; here enc_logits has K classes like DINO.)
+            # DINO supervises the selected proposals with the full class targets; Deformable
+            # DETR every token with binarised labels (its head ranks tokens by class 0)
+            enc_targets = targets
+            if self.encoder_binary_labels:
+                enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             enc_losses, _ = self.matched_losses(
-                outputs.enc_logits, outputs.enc_boxes, targets, num_boxes
+                outputs.enc_logits, outputs.enc_boxes, enc_targets, num_boxes
             )
             add(enc_losses, "_enc")
 

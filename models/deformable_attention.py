@@ -236,7 +236,11 @@ class MultiScaleDeformableAttention(nn.Module):
     """Each query attends to ``n_points`` sampled points per head and level around its reference.
 
     Reference points are [B,Q,L,2] points or [B,Q,L,4] boxes (cx, cy, w, h); with boxes the
-    offsets are scaled by the box size (Deformable DETR's two-stage / box-refine branch).
+    offsets are scaled by the box size (Deformable DETR's two-stage / box-refine branch), with
+    points by each level's (W, H) (its one-stage branch; fundamentalvision/Deformable-DETR
+    models/ops/modules/ms_deform_attn.py). ``point_queries`` [B,Q] or [Q] bool mixes both in
+    one pass: 4-D references whose marked queries use the point formula on (cx, cy) and ignore
+    (w, h) (one-stage detection queries decoded next to box-carrying query groups).
     """
 
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
@@ -275,6 +279,7 @@ class MultiScaleDeformableAttention(nn.Module):
         spatial_shapes: list[tuple[int, int]],
         value_padding_mask: Tensor | None = None,
         return_attention: bool = False,
+        point_queries: Tensor | None = None,
     ) -> tuple[Tensor, dict | None]:
         batch, queries, _ = query.shape
         heads, levels, points = self.n_heads, self.n_levels, self.n_points
@@ -291,16 +296,29 @@ class MultiScaleDeformableAttention(nn.Module):
         with torch.autocast(device_type=query.device.type, enabled=False):
             offsets, weights, value = offsets.float(), weights.float(), value.float()
             reference_points = reference_points.float()
-            if reference_points.shape[-1] == 2:
-                # offsets are in cells of each level: divide by (W_l, H_l)
-                normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=torch.float32,
-                                          device=query.device)
-                locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-            elif reference_points.shape[-1] == 4:
-                locations = (reference_points[:, :, None, :, None, :2]
-                             + offsets / points * reference_points[:, :, None, :, None, 2:] * 0.5)
-            else:
+            if reference_points.shape[-1] not in (2, 4):
                 raise ValueError(f"reference points must end in 2 or 4, got {tuple(reference_points.shape)}")
+            if reference_points.shape[-1] == 2 or point_queries is not None:
+                # offsets are in cells of each level: divide by (W_l, H_l)
+                if torch.jit.is_tracing():
+                    # ONNX export (reproduce/export.py): the level sizes are traced 0-d tensors;
+                    # torch.tensor would bake the example image's sizes into the graph
+                    normalizer = torch.stack([torch.stack([torch.as_tensor(w), torch.as_tensor(h)])
+                                              for h, w in spatial_shapes]).to(query.device, torch.float32)
+                else:
+                    normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=torch.float32,
+                                              device=query.device)
+                at_points = reference_points[:, :, None, :, None, :2] + offsets / normalizer[None, None, None, :, None, :]
+            if reference_points.shape[-1] == 4:
+                in_boxes = (reference_points[:, :, None, :, None, :2]
+                            + offsets / points * reference_points[:, :, None, :, None, 2:] * 0.5)
+            if reference_points.shape[-1] == 2:
+                locations = at_points
+            elif point_queries is None:
+                locations = in_boxes
+            else:
+                marked = point_queries.expand(batch, queries) if point_queries.dim() == 1 else point_queries
+                locations = torch.where(marked.view(batch, queries, 1, 1, 1, 1), at_points, in_boxes)
             output = multi_scale_deformable_attention(value, spatial_shapes, locations, weights)
         output = self.output_proj(output.to(query.dtype))
         attention = None

@@ -1,12 +1,23 @@
 """Deformable DETR (Zhu et al., ICLR 2021) with iterative box refinement and two-stage options.
 
+Follows fundamentalvision/Deformable-DETR models/deformable_detr.py and
+models/deformable_transformer.py (grade A; tests/test_hf_deformable_detr.py checks it against
+transformers' ``DeformableDetrForObjectDetection`` to 1e-4 in all three modes).
+
 Multi-scale features (C3-C5 + one stride-2 extra level) -> deformable encoder -> queries:
-two-stage: top-k encoder proposals give anchors, and content + positional queries come from
-the proposals' sine embeddings (pos_trans); one-stage: learned query embeddings.
-Deviation (documented): one-stage initial references are 4-D boxes predicted from the learned
-positional query, not 2-D points, so every query, injected ones included, uses the same
-box-reference branch of deformable attention. Extra query groups get their positional query
-from their anchors through the same pos_trans path that two-stage proposals use.
+
+* one-stage: learned query embeddings (positional half, content half); the initial references
+  are 2-D points, sigmoid(Linear(d, 2)(positional query)). With box refinement they become
+  boxes after the first layer; without, they stay points in every layer.
+* two-stage: every encoder token is a proposal scored by the encoder head; the top-k by class
+  0's logit give the anchors, and positional + content queries come from the anchors' sine
+  embedding (coordinates in x, y, w, h order) through ``pos_trans``. The encoder head is trained
+  on every token with binarised labels (models/criterion.py ``encoder_binary_labels``).
+
+Extra query groups (denoising, distillation queries) carry 4-D boxes and get their positional
+query from their anchors through ``pos_trans``, the two-stage path; in one-stage mode that
+layer exists for them alone (it has no counterpart in the original). The decoder marks the
+one-stage detection queries as points, so both kinds decode in one pass.
 """
 from __future__ import annotations
 
@@ -17,7 +28,7 @@ from .backbone import Backbone
 from .detr_base import DETRBase
 from .outputs import DetectorOutput, QueryGroup
 from .position_encoding import sine_box_embedding
-from .transformer import DeformableDecoder, DeformableEncoder, QuerySelection
+from .transformer import DeformableDecoder, DeformableEncoder, QuerySelection, xavier_transformer_init
 
 
 class DeformableDETR(DETRBase):
@@ -37,19 +48,36 @@ class DeformableDETR(DETRBase):
         # anchors -> (positional query, content): Deformable DETR's pos_trans for two-stage
         self.pos_trans = nn.Linear(2 * d_model, 2 * d_model)
         self.pos_trans_norm = nn.LayerNorm(2 * d_model)
+        in_transformer = [self.encoder.layers, self.decoder.layers, self.pos_trans]
         if two_stage:
-            self.query_selection = QuerySelection(d_model, num_classes)
+            self.query_selection = QuerySelection(d_model, num_classes, rank_by="first")
+            in_transformer.append(self.query_selection.enc_output)
+            if not with_box_refine:
+                # without refinement the original's class_embed / bbox_embed lists repeat one
+                # head, the encoder's (index -1) included
+                self.query_selection.class_head = self.decoder.class_heads[0]
+                self.query_selection.box_head = self.decoder.box_heads[0]
         else:
             self.query_embed = nn.Embedding(num_queries, 2 * d_model)
-            self.reference_points = nn.Linear(d_model, 4)
+            self.reference_points = nn.Linear(d_model, 2)
+            in_transformer.append(self.reference_points)
+        # DeformableTransformer._reset_parameters (reference_points: xavier gain 1, bias 0)
+        xavier_transformer_init(*in_transformer)
+        if not two_stage:
+            nn.init.zeros_(self.reference_points.bias)
+            # the first box head starts at w = h = sigmoid(-2) (Deformable-DETR deformable_detr.py:
+            # bbox_embed[0] bias[2:] = -2; two-stage sets every head's back to 0)
+            nn.init.constant_(self.decoder.box_heads[0].layers[-1].bias[2:], -2.0)
         self.denoising = denoising
         self.dn_cfg = dict(num_dn_queries=num_dn_queries, label_noise_ratio=label_noise_ratio,
                            box_noise_scale=box_noise_scale)
         self.label_enc = nn.Embedding(num_classes + 1, d_model) if denoising else None
 
     def anchor_queries(self, anchors: Tensor) -> tuple[Tensor, Tensor]:
-        """Positional and content queries from 4-D anchors (Deformable DETR two-stage)."""
-        embed = self.pos_trans_norm(self.pos_trans(sine_box_embedding(anchors, self.d_model // 2).to(anchors.dtype)))
+        """Positional and content queries from 4-D anchors (Deformable DETR two-stage:
+        ``get_proposal_pos_embed`` keeps the x, y, w, h order)."""
+        sine = sine_box_embedding(anchors, self.d_model // 2, y_first=False).to(anchors.dtype)
+        embed = self.pos_trans_norm(self.pos_trans(sine))
         return embed.split(self.d_model, dim=-1)
 
     def forward(self, images: Tensor, pad_mask: Tensor, targets: list[dict] | None = None,
@@ -60,18 +88,25 @@ class DeformableDETR(DETRBase):
         enc_logits = enc_boxes = None
         if self.two_stage:
             selected = self.query_selection(enc.memory, enc.padding_mask, enc.spatial_shapes, self.num_queries)
-            enc_logits, enc_boxes, anchors = selected["logits"], selected["boxes"], selected["anchors"]
+            # the encoder loss covers every token (Deformable DETR's enc_outputs)
+            enc_logits, enc_boxes, anchors = selected["all_logits"], selected["all_boxes"], selected["anchors"]
             query_pos, content = self.anchor_queries(anchors)
         else:
             query_pos, content = self.query_embed.weight[None].expand(batch, -1, -1).split(self.d_model, -1)
-            anchors = self.reference_points(query_pos).sigmoid()
+            points = self.reference_points(query_pos).sigmoid()
+            # a 2-D point as a box whose (w, h) = 0.5 the decoder ignores (models/transformer.py)
+            anchors = torch.cat([points, torch.full_like(points, 0.5)], -1)
 
         groups = self.with_denoising(groups, targets)
         num_det = content.shape[1]
         queries, boxes, attn_mask = self.join_queries(content, anchors, groups)
+        point_queries = None
+        if not self.two_stage:
+            point_queries = torch.arange(boxes.shape[1], device=boxes.device) < num_det
         if groups:
             group_pos, _ = self.anchor_queries(boxes[:, num_det:])
             query_pos = torch.cat([query_pos, group_pos], 1)
         dec = self.decoder(queries, boxes, enc.memory, enc.padding_mask, enc.spatial_shapes, enc.valid_ratios,
-                           attn_mask, query_pos=query_pos, return_attention=return_attention)
+                           attn_mask, query_pos=query_pos, return_attention=return_attention,
+                           point_queries=point_queries)
         return self.assemble(enc, num_det, groups, dec, enc_logits=enc_logits, enc_boxes=enc_boxes)

@@ -30,17 +30,27 @@ class MLP(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Position-wise FFN with residual and post-norm."""
+    """Position-wise FFN with residual and post-norm.
 
-    def __init__(self, d_model: int, dim_feedforward: int, dropout: float):
+    ``activation``: ``relu`` (DETR, Deformable DETR, DINO) or ``prelu`` (DAB-DETR's default
+    ``--transformer_activation prelu``: one learned slope per layer, ``nn.PReLU()``;
+    IDEA-Research/DAB-DETR main.py and models/DAB_DETR/transformer.py ``_get_activation_fn``).
+    """
+
+    def __init__(self, d_model: int, dim_feedforward: int, dropout: float, activation: str = "relu"):
         super().__init__()
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)
+        if activation not in ("relu", "prelu"):
+            raise ValueError(f"FFN activation must be relu or prelu, got {activation!r}")
+        self.activation = nn.PReLU() if activation == "prelu" else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
+        hidden = self.linear1(x)
+        hidden = F.relu(hidden) if self.activation is None else self.activation(hidden)
+        return self.norm(x + self.dropout(self.linear2(self.dropout(hidden))))
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
@@ -68,28 +78,35 @@ def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, need_weights
 class SelfAttention(nn.Module):
     """Multi-head self-attention taking an optional [B,T,T] *blocked* mask (True = blocked)."""
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float):
+    def __init__(self, d_model: int, n_heads: int, dropout: float, attn_dropout: float = 0.0):
+        """``dropout``: on the output (the layer's residual branch); ``attn_dropout``: on the
+        attention probabilities, as ``nn.MultiheadAttention(dropout=...)`` does in the originals'
+        decoders (fundamentalvision/Deformable-DETR models/deformable_transformer.py)."""
         super().__init__()
         self.n_heads = n_heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d_model, d_model) for _ in range(4))
         self.dropout = nn.Dropout(dropout)
+        self.attn_dropout = attn_dropout
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, blocked: Tensor | None = None) -> Tensor:
         h = self.n_heads
         allowed = None if blocked is None else ~blocked[:, None]
-        out, _ = attend(split_heads(self.q_proj(q), h), split_heads(self.k_proj(k), h),
-                        split_heads(self.v_proj(v), h), allowed, need_weights=False)
+        q, k, v = split_heads(self.q_proj(q), h), split_heads(self.k_proj(k), h), split_heads(self.v_proj(v), h)
+        if self.training and self.attn_dropout > 0:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.attn_dropout)
+        else:
+            out, _ = attend(q, k, v, allowed, need_weights=False)
         return self.dropout(self.out_proj(merge_heads(out)))
 
 
 class EncoderLayer(nn.Module):
     """Standard DETR encoder layer: positional embedding added to queries and keys."""
 
-    def __init__(self, d_model: int, n_heads: int, dim_feedforward: int, dropout: float):
+    def __init__(self, d_model: int, n_heads: int, dim_feedforward: int, dropout: float, activation: str = "relu"):
         super().__init__()
         self.self_attn = SelfAttention(d_model, n_heads, dropout)
         self.norm = nn.LayerNorm(d_model)
-        self.ffn = FeedForward(d_model, dim_feedforward, dropout)
+        self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation)
 
     def forward(self, src: Tensor, pos: Tensor, padding_mask: Tensor) -> Tensor:
         qk = src + pos
@@ -118,7 +135,9 @@ class DeformableDecoderLayer(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, dim_feedforward: int, dropout: float, n_levels: int, n_points: int):
         super().__init__()
-        self.self_attn = SelfAttention(d_model, n_heads, dropout)
+        # nn.MultiheadAttention(d_model, n_heads, dropout=dropout) in the original decoder layer:
+        # dropout on the attention probabilities too (Deformable-DETR models/deformable_transformer.py)
+        self.self_attn = SelfAttention(d_model, n_heads, dropout, attn_dropout=dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.cross_attn = MultiScaleDeformableAttention(d_model, n_levels, n_heads, n_points)
         self.dropout = nn.Dropout(dropout)
@@ -126,11 +145,11 @@ class DeformableDecoderLayer(nn.Module):
         self.ffn = FeedForward(d_model, dim_feedforward, dropout)
 
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, memory_padding_mask,
-                self_attn_mask=None, return_attention=False):
+                self_attn_mask=None, return_attention=False, point_queries=None):
         qk = tgt + query_pos
         tgt = self.norm1(tgt + self.self_attn(qk, qk, tgt, self_attn_mask))
         out, attention = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes,
-                                         memory_padding_mask, return_attention)
+                                         memory_padding_mask, return_attention, point_queries)
         tgt = self.norm2(tgt + self.dropout(out))
         return self.ffn(tgt), attention
 
@@ -143,7 +162,7 @@ class ConditionalDecoderLayer(nn.Module):
     modulated by the anchor's width/height) forms its own attention term.
     """
 
-    def __init__(self, d_model: int, n_heads: int, dim_feedforward: int, dropout: float):
+    def __init__(self, d_model: int, n_heads: int, dim_feedforward: int, dropout: float, activation: str = "relu"):
         super().__init__()
         self.n_heads = n_heads
         lin = lambda: nn.Linear(d_model, d_model)  # noqa: E731
@@ -155,7 +174,7 @@ class ConditionalDecoderLayer(nn.Module):
         self.ca_out = lin()
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
-        self.ffn = FeedForward(d_model, dim_feedforward, dropout)
+        self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation)
 
     def forward(self, tgt, query_pos, query_sine_embed, memory, memory_pos, memory_padding_mask,
                 self_attn_mask=None, return_attention=False):

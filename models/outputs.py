@@ -1,6 +1,7 @@
 """What a detector's forward returns, and the extra-query groups its decoder accepts.
 
-Distillation reads these objects; it never reaches into a model with hooks (DESIGN.md).
+Distillation reads these objects and never reaches into a model with hooks, so a method
+works on any detector that returns them.
 Shapes use: B batch, Q detection queries, N queries of an extra group, L decoder layers,
 K classes, D d_model, S memory tokens (sum of H_l*W_l over levels).
 """
@@ -62,8 +63,10 @@ class DetectorOutput:
     level_start_index: list[int]
     valid_ratios: Tensor           # [B,levels,2] (w, h) fraction of each level that is image
     features: list[Tensor]         # per level [B,D,H,W]: projected backbone features (the "neck")
-    enc_logits: Tensor | None = None   # [B,Q,K] two-stage / query-selection proposals
-    enc_boxes: Tensor | None = None    # [B,Q,4]
+    # encoder proposals: DINO's selected top-k [B,Q,K]; Deformable DETR two-stage: every memory
+    # token [B,S,K] (its encoder loss covers all of them)
+    enc_logits: Tensor | None = None
+    enc_boxes: Tensor | None = None
     groups: dict[str, GroupOutput] = field(default_factory=dict)
     # per decoder layer, on request (return_attention=True): deformable layers give
     # {"sampling_locations": [B,T,H,levels,P,2], "attention_weights": [B,T,H,levels,P]},

@@ -33,18 +33,21 @@ def sine_position_embedding(
     return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
 
 
-def sine_box_embedding(boxes: Tensor, num_feats: int, temperature: float = 10000.0) -> Tensor:
+def sine_box_embedding(boxes: Tensor, num_feats: int, temperature: float = 10000.0,
+                       y_first: bool = True) -> Tensor:
     """Sine embedding of each coordinate of normalised boxes or points (DAB-DETR's anchors).
 
     boxes: [..., 2] (cx, cy) or [..., 4] (cx, cy, w, h) in [0, 1].
     Returns [..., num_feats * boxes.shape[-1]], coordinates in the order y, x, w, h as in
-    DAB-DETR, so that the first 2*num_feats features are the (y, x) position part.
+    DAB-DETR and DINO, so that the first 2*num_feats features are the (y, x) position part;
+    ``y_first=False`` keeps the boxes' own order x, y, w, h, as Deformable DETR's two-stage
+    ``get_proposal_pos_embed`` (fundamentalvision/Deformable-DETR models/deformable_transformer.py).
     """
     scale = 2 * math.pi
     dim_t = torch.arange(num_feats, dtype=torch.float32, device=boxes.device)
     dim_t = temperature ** (2 * (dim_t // 2) / num_feats)
     coords = boxes.float().unbind(-1)
-    order = [1, 0] + list(range(2, len(coords)))
+    order = ([1, 0] if y_first else [0, 1]) + list(range(2, len(coords)))
     parts = []
     for i in order:
         pos = coords[i][..., None] * scale / dim_t

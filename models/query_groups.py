@@ -45,21 +45,41 @@ def decoder_self_attn_mask(
     return mask
 
 
+def denoising_group_count(num_dn_queries: int, max_gt: int, rule: str = "dino") -> int:
+    """How many CDN groups (each 2 * max_gt queries) a batch gets.
+
+    ``dino``: DINO's ``prepare_for_cdn``: dn = 2 * num_dn_queries; for dn >= 100 the groups are
+    dn // (2 * max_gt), else dn itself (a fixed count, whatever the GT count), and at least 1.
+    ``dynamic`` (grade D, for the CPU sizes whose small num_dn_queries would otherwise take the
+    fixed branch, e.g. 30 -> 60 groups of 2 * max_gt queries each): the first branch at any size,
+    num_dn_queries // max_gt, at least 1.
+    """
+    if rule not in ("dino", "dynamic"):
+        raise ValueError(f"denoising group rule must be dino or dynamic, got {rule!r}")
+    doubled = 2 * num_dn_queries
+    if rule == "dynamic" or doubled >= 100:
+        return max(1, doubled // (2 * max_gt))
+    return max(1, doubled)
+
+
 def contrastive_denoising_group(
     targets: list[dict],
     label_embedding: nn.Embedding,
     num_classes: int,
     num_dn_queries: int = 100,
     label_noise_ratio: float = 0.5,
-    box_noise_scale: float = 1.0,
+    box_noise_scale: float = 0.4,
     generator: torch.Generator | None = None,
+    group_rule: str = "dino",
 ) -> QueryGroup | None:
-    """DINO's contrastive denoising queries (Zhang et al., 2023, Sec. 3.3).
+    """DINO's contrastive denoising queries (Zhang et al., 2023, Sec. 3.3; IDEA-Research/DINO
+    models/dino/dn_components.py ``prepare_for_cdn``).
 
     GT sets are padded to the batch's largest set and repeated in G groups, each holding a
     positive half (box noise < half the box size: reconstruct the GT) and a negative half
-    (noise in [1, 2) x half size: predict "no object"). G = num_dn_queries // (2 * max_gt),
-    at least 1 (dynamic groups, as in DINO / mmdet), so memory stays bounded.
+    (noise in [1, 2) x half size: predict "no object"). ``num_dn_queries`` is DINO's
+    ``dn_number``, doubled for the two halves: see ``denoising_group_count`` for G.
+    ``box_noise_scale`` 0.4 is DINO_4scale's (detrex and mmdet's DINO use 1.0).
     Returns None when the batch has no objects at all.
     """
     device = label_embedding.weight.device
@@ -68,7 +88,7 @@ def contrastive_denoising_group(
     if max_gt == 0:
         return None
     batch = len(targets)
-    groups = max(1, num_dn_queries // (2 * max_gt))
+    groups = denoising_group_count(num_dn_queries, max_gt, group_rule)
     per_group = 2 * max_gt
     total = groups * per_group
 
@@ -103,9 +123,9 @@ def contrastive_denoising_group(
         magnitude = rand(*xyxy.shape)
         magnitude[:, :, 1] += 1.0                       # negatives: noise in [1, 2)
         xyxy = xyxy + sign * magnitude * half_wh * box_noise_scale
-        boxes = box_xyxy_to_cxcywh(xyxy.clamp(0.0, 1.0))
-        boxes[..., 2:] = boxes[..., 2:].clamp(min=1e-4)
-        boxes[..., :2] = boxes[..., :2].clamp(1e-4, 1 - 1e-4)
+        # DINO feeds inverse_sigmoid(box) with eps 1e-3 (util/misc.py) to a decoder that takes
+        # its sigmoid: every coordinate lands in [1e-3, 1 - 1e-3]
+        boxes = box_xyxy_to_cxcywh(xyxy.clamp(0.0, 1.0)).clamp(1e-3, 1 - 1e-3)
 
     labels = labels.reshape(batch, total)
     boxes = boxes.reshape(batch, total, 4)

@@ -35,11 +35,13 @@ def prediction_heads(d_model: int, num_classes: int, num_layers: int, share: boo
 
 # --- encoders -------------------------------------------------------------------------------
 class StandardEncoder(nn.Module):
-    """DAB-DETR encoder: DETR layers whose positional embedding is rescaled per token."""
+    """DAB-DETR encoder: DETR layers whose positional embedding is rescaled per token
+    (IDEA-Research/DAB-DETR models/DAB_DETR/transformer.py ``TransformerEncoder``; post-norm, so
+    no final norm)."""
 
-    def __init__(self, d_model, n_heads, dim_feedforward, dropout, num_layers):
+    def __init__(self, d_model, n_heads, dim_feedforward, dropout, num_layers, activation="relu"):
         super().__init__()
-        self.layers = clones(EncoderLayer(d_model, n_heads, dim_feedforward, dropout), num_layers)
+        self.layers = clones(EncoderLayer(d_model, n_heads, dim_feedforward, dropout, activation), num_layers)
         self.query_scale = MLP(d_model, d_model, d_model, 2)
 
     def forward(self, src, pos, padding_mask, **_):
@@ -60,8 +62,10 @@ class DeformableEncoder(nn.Module):
         refs = []
         device = valid_ratios.device
         for lvl, (h, w) in enumerate(spatial_shapes):
-            ys, xs = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, device=device),
-                                    torch.linspace(0.5, w - 0.5, w, device=device), indexing="ij")
+            # arange + 0.5 equals linspace(0.5, h - 0.5, h) exactly, and also exports to ONNX for a
+            # level of size 1 (the exported linspace divides by steps - 1: NaN)
+            ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=device) + 0.5,
+                                    torch.arange(w, dtype=torch.float32, device=device) + 0.5, indexing="ij")
             ys = ys.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
             xs = xs.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
             refs.append(torch.stack((xs, ys), -1))
@@ -108,24 +112,35 @@ class BoxDecoder(nn.Module):
 
 
 class DeformableDecoder(BoxDecoder):
-    """Deformable DETR / DINO decoder with 4-D box references.
+    """Deformable DETR / DINO decoder (fundamentalvision/Deformable-DETR and IDEA-Research/DINO
+    models/dino/deformable_transformer.py ``DeformableTransformerDecoder``).
 
-    ``pos_from_reference`` (DINO, DAB-Deformable): the positional query is recomputed from each
-    layer's anchor as MLP(sine(anchor)); otherwise the ``query_pos`` given to forward stays
-    fixed across layers (Deformable DETR).
+    References are 4-D for every query. ``point_queries`` ([T] bool) marks queries whose reference
+    is a 2-D point (Deformable DETR one-stage): they carry (cx, cy, 0.5, 0.5), sample with the
+    point formula of deformable attention, and since logit(0.5) = 0 the box head's w, h come out
+    as sigmoid(delta), exactly the original's ``delta[..., :2] += inverse_sigmoid(ref)``. After a
+    refinement step every reference is a box, as in the original. Each layer's anchor update
+    reads the *un-normed* layer output and the reported class/box read the normed one (DINO; the
+    Deformable DETR decoder has no final norm, so both are the same there).
+
+    ``pos_from_reference`` (DINO): the positional query is recomputed from each layer's anchor as
+    MLP(sine(anchor)); otherwise the ``query_pos`` given to forward stays fixed across layers
+    (Deformable DETR). ``inverse_sigmoid_eps``: 1e-5 in Deformable DETR's util/misc.py, 1e-3 in
+    DINO's.
     """
 
     def __init__(self, d_model, n_heads, dim_feedforward, dropout, num_layers, n_levels, n_points, num_classes,
                  share_heads=False, refine=True, look_forward_twice=False, final_norm=False,
-                 pos_from_reference=False):
+                 pos_from_reference=False, inverse_sigmoid_eps=1e-5):
         super().__init__(d_model, num_classes, num_layers, share_heads, refine, look_forward_twice, final_norm)
         layer = DeformableDecoderLayer(d_model, n_heads, dim_feedforward, dropout, n_levels, n_points)
         self.layers = clones(layer, num_layers)
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2) if pos_from_reference else None
         self.d_model = d_model
+        self.eps = inverse_sigmoid_eps
 
     def forward(self, content, anchors, memory, memory_padding_mask, spatial_shapes, valid_ratios,
-                self_attn_mask=None, query_pos=None, return_attention=False, **_):
+                self_attn_mask=None, query_pos=None, return_attention=False, point_queries=None, **_):
         output, reference, previous_box = content, anchors, anchors
         logits, boxes, states, references, attention = [], [], [], [], []
         scale = torch.cat([valid_ratios, valid_ratios], -1)[:, None]          # [B,1,L,4]
@@ -135,26 +150,72 @@ class DeformableDecoder(BoxDecoder):
             if self.ref_point_head is not None:
                 pos = self.ref_point_head(sine_box_embedding(reference_input[:, :, 0], self.d_model // 2).to(output.dtype))
             output, attn = layer(output, pos, reference_input, memory, spatial_shapes, memory_padding_mask,
-                                 self_attn_mask, return_attention)
+                                 self_attn_mask, return_attention, point_queries)
             state = self.norm(output)
-            layer_logits, box, new_reference = self.predict(i, state, reference, previous_box)
-            logits.append(layer_logits), boxes.append(box), states.append(state), references.append(reference)
+            head = self.box_heads[i]
+            delta = head(state)
+            raw_delta = delta if state is output else head(output)
+            new_reference = (raw_delta + inverse_sigmoid(reference, self.eps)).sigmoid()
+            base = previous_box if self.look_forward_twice else reference
+            box = (delta + inverse_sigmoid(base, self.eps)).sigmoid()
+            logits.append(self.class_heads[i](state)), boxes.append(box), states.append(state)
+            references.append(reference)
             if attn is not None:
                 attention.append(attn)
             if self.refine:
                 previous_box = new_reference
                 reference = new_reference.detach()
+                point_queries = None          # refined references are boxes (Deformable DETR)
         return self.stack(logits, boxes, states, references, attention)
 
 
+def xavier_transformer_init(*modules: nn.Module) -> None:
+    """``DeformableTransformer._reset_parameters`` of Deformable DETR and DINO
+    (fundamentalvision/Deformable-DETR and IDEA-Research/DINO ``deformable_transformer.py``):
+    xavier_uniform_ on every parameter with more than one dimension, then every deformable
+    attention its own initialisation. Pass only the modules that live inside the original's
+    transformer (not the prediction heads, which keep their own initialisation). Our
+    ``SelfAttention`` stands for ``nn.MultiheadAttention``: its q, k, v are one fused [3d, d]
+    ``in_proj_weight`` there, so they get xavier bounds of the fused matrix, and all its biases
+    start at 0 (``nn.MultiheadAttention._reset_parameters``)."""
+    from .deformable_attention import MultiScaleDeformableAttention
+    from .layers import SelfAttention
+
+    for module in modules:
+        for param in module.parameters():
+            if param.dim() > 1:
+                nn.init.xavier_uniform_(param)
+        for sub in module.modules():
+            if isinstance(sub, SelfAttention):
+                d = sub.q_proj.in_features
+                fused = torch.empty(3 * d, d)
+                nn.init.xavier_uniform_(fused)
+                with torch.no_grad():
+                    for proj, part in zip((sub.q_proj, sub.k_proj, sub.v_proj), fused.split(d)):
+                        proj.weight.copy_(part)
+                for proj in (sub.q_proj, sub.k_proj, sub.v_proj, sub.out_proj):
+                    nn.init.zeros_(proj.bias)
+            elif isinstance(sub, MultiScaleDeformableAttention):
+                sub.reset_parameters()
+
+
 class ConditionalDecoder(BoxDecoder):
-    """DAB-DETR decoder: anchors give positional queries, modulated by the anchor's w and h."""
+    """DAB-DETR decoder: anchors give positional queries, modulated by the anchor's w and h.
+
+    As IDEA-Research/DAB-DETR models/DAB_DETR/transformer.py ``TransformerDecoder`` and
+    models/DAB_DETR/DABDETR.py ``forward`` (grade A): each layer's anchor update is the shared box
+    head on the layer's *un-normed* output; the reported boxes and logits use the normed output
+    (the shared final norm), and a layer's box is built on the anchor it received *undetached*
+    (the previous layer's update), so its loss also reaches the previous layer, while the anchor
+    fed to the next layer's positional query is detached.
+    """
 
     def __init__(self, d_model, n_heads, dim_feedforward, dropout, num_layers, num_classes,
-                 modulate_hw_attn=True, anchor_pos_temperature=10000.0, share_heads=True):
+                 modulate_hw_attn=True, anchor_pos_temperature=10000.0, share_heads=True, activation="relu"):
         super().__init__(d_model, num_classes, num_layers, share_heads, refine=True, final_norm=True)
         self.anchor_pos_temperature = anchor_pos_temperature
-        self.layers = clones(ConditionalDecoderLayer(d_model, n_heads, dim_feedforward, dropout), num_layers)
+        layer = ConditionalDecoderLayer(d_model, n_heads, dim_feedforward, dropout, activation)
+        self.layers = clones(layer, num_layers)
         for layer in self.layers[1:]:
             layer.ca_qpos = None      # DAB-DETR adds the positional query to the content only in layer 1
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
@@ -165,7 +226,9 @@ class ConditionalDecoder(BoxDecoder):
     def forward(self, content, anchors, memory, memory_pos, memory_padding_mask, self_attn_mask=None,
                 return_attention=False, **_):
         d = self.d_model
-        output, reference = content, anchors
+        # reference: detached anchor of this layer's positional queries; box_base: the same
+        # anchor undetached, on which the reported box is built (DAB-DETR's ``ref_points``)
+        output, reference, box_base = content, anchors, anchors
         logits, boxes, states, references, attention = [], [], [], [], []
         for i, layer in enumerate(self.layers):
             sine = sine_box_embedding(reference, d // 2, self.anchor_pos_temperature).to(output.dtype)  # y, x, w, h
@@ -180,11 +243,14 @@ class ConditionalDecoder(BoxDecoder):
             output, attn = layer(output, query_pos, query_sine, memory, memory_pos, memory_padding_mask,
                                  self_attn_mask, return_attention)
             state = self.norm(output)
-            layer_logits, box, new_reference = self.predict(i, state, reference, reference)
-            logits.append(layer_logits), boxes.append(box), states.append(state), references.append(reference)
+            box = (self.box_heads[i](state) + inverse_sigmoid(box_base)).sigmoid()
+            logits.append(self.class_heads[i](state)), boxes.append(box), states.append(state)
+            references.append(reference)
             if attn is not None:
                 attention.append(attn)
-            reference = new_reference.detach()
+            if i < len(self.layers) - 1:   # the last layer's update would feed nothing
+                box_base = (self.box_heads[i](output) + inverse_sigmoid(reference)).sigmoid()
+                reference = box_base.detach()
         return self.stack(logits, boxes, states, references, attention)
 
 
@@ -192,7 +258,8 @@ class ConditionalDecoder(BoxDecoder):
 def encoder_output_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes):
     """One box proposal per memory token (Deformable DETR two-stage, Sec. 4.2): centred on the
     cell, size 0.05 * 2^level. Returns masked memory and inverse-sigmoid proposals [B,S,4];
-    padding and border tokens get +inf proposals so they are never selected."""
+    padding and border tokens get +inf proposals and zero memory (Deformable-DETR
+    models/deformable_transformer.py ``gen_encoder_output_proposals``)."""
     batch = memory.shape[0]
     proposals, start = [], 0
     for lvl, (h, w) in enumerate(spatial_shapes):
@@ -219,12 +286,21 @@ class QuerySelection(nn.Module):
     """Two-stage query selection (Deformable DETR Sec. 4.2; DINO's mixed selection, Sec. 3.4).
 
     Scores every memory token with its own class head, refines its proposal box, keeps the
-    top-k by best class score. Returns the selected proposals' logits and boxes (supervised by
-    the encoder loss), their anchors (detached, as both papers do) and their memory features.
+    top-k. ``rank_by``: ``first`` ranks by class 0's logit (Deformable DETR, whose encoder head
+    is trained as a binary foreground head: fundamentalvision/Deformable-DETR
+    models/deformable_transformer.py ``topk(enc_outputs_class[..., 0])``), ``max`` by the best
+    class (DINO models/dino/deformable_transformer.py). As in both, padding and border tokens
+    are not excluded from the ranking: their proposal is +inf (box 1) and their feature 0, and
+    the encoder loss teaches their score down. Returns the selected proposals' logits and boxes
+    (DINO's encoder loss), all tokens' logits and boxes (Deformable DETR's), the selected anchors
+    (detached, as both papers do) and memory features.
     """
 
-    def __init__(self, d_model: int, num_classes: int):
+    def __init__(self, d_model: int, num_classes: int, rank_by: str = "max"):
         super().__init__()
+        if rank_by not in ("max", "first"):
+            raise ValueError(f"rank_by must be max or first, got {rank_by!r}")
+        self.rank_by = rank_by
         self.enc_output = nn.Linear(d_model, d_model)
         self.enc_norm = nn.LayerNorm(d_model)
         self.class_head, self.box_head = (m[0] for m in prediction_heads(d_model, num_classes, 1, share=True))
@@ -235,13 +311,15 @@ class QuerySelection(nn.Module):
         logits = self.class_head(output_memory)
         boxes_unact = self.box_head(output_memory) + proposals
         k = min(k, memory.shape[1])
-        scores = logits.max(-1).values.masked_fill(torch.isinf(proposals[..., 0]), float("-inf"))
+        scores = logits[..., 0] if self.rank_by == "first" else logits.max(-1).values
         topk = scores.topk(k, dim=1).indices
         take = lambda t: torch.gather(t, 1, topk[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
         selected_unact = take(boxes_unact)
         return {
             "logits": take(logits),
             "boxes": selected_unact.sigmoid(),
+            "all_logits": logits,
+            "all_boxes": boxes_unact.sigmoid(),
             "anchors": selected_unact.detach().sigmoid(),
             "memory": take(output_memory),
         }
