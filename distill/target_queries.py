@@ -45,7 +45,7 @@ class TargetQueryGenerator(nn.Module):
 
     ``content_source``: "table" (a fixed random class table owned by the distiller, as in the
     author's earlier code, grade B) or "label_embedding" (each model's own denoising label
-    embedding, which a DN-trained teacher understands; an open choice, see PAPER.md). With the
+    embedding, which a DN-trained teacher understands; an open choice, grade C). With the
     table, teacher and student get bit-identical content when their widths match; with
     different widths each width gets its own table drawn from the same seed.
     """

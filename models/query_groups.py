@@ -111,7 +111,9 @@ def contrastive_denoising_group(
         return torch.rand(*shape, generator=generator, device=device)
 
     if label_noise_ratio > 0:
-        # DINO flips labels with probability ratio * 0.5 (see the mmdet note in ANCHORS.md 1.8)
+        # DINO flips labels with probability ratio * 0.5 (IDEA-Research/DINO models/dino/dn_components.py);
+        # a flipped label may draw its own class again, so with few classes (KITTI: 3) the
+        # effective noise is lower still, as mmdet's CdnQueryGenerator docstring warns
         flip = rand(*labels.shape) < label_noise_ratio * 0.5
         random_labels = (rand(*labels.shape) * num_classes).long().clamp(max=num_classes - 1)
         labels = torch.where(flip & valid, random_labels, labels)
