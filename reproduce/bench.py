@@ -32,6 +32,10 @@ JSON present, so ``--only`` refreshes one part):
     resident memory at that moment: weights, gradients, optimizer state and the step's
     activations and workspaces (no tracemalloc, which would slow the step and does not see
     torch's allocations; not ``ru_maxrss``, which Linux carries over from the parent).
+``deploy``
+    Batch-1 inference for deployment (``reproduce/deploy_bench.py``): mini and paper sizes,
+    teacher vs student, PyTorch eager vs onnxruntime (``reproduce.export``): parameters, GFLOPs
+    (torch's FlopCounterMode), latency, peak memory, next to the stored AP of the same configs.
 ``eval``
     Evaluation throughput (model forward + post-processing, images/s) at mini size, and the
     time of pycocotools' COCOeval on a synthetic 300-image set built in memory.
@@ -73,7 +77,7 @@ import torch
 from reproduce.config import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ("msda", "train_step", "distill_overhead", "models", "eval")
+BENCHMARKS = ("msda", "train_step", "distill_overhead", "models", "eval", "deploy")
 DETECTORS = ("dab_detr", "deformable_detr", "dino")
 NUM_CLASSES = 3
 PAPER_STEP_LIMIT_S = 60.0
@@ -930,6 +934,16 @@ def write_summary(out_dir: Path) -> Path:
         ce = ev["cocoeval"]
         lines += ["", f"COCOeval on {ce['images']} synthetic images ({ce['ground_truth']} GT boxes, "
                       f"{ce['detections']} detections): {_fmt(ce, 2)} s.", ""]
+    de = _read(out_dir / "deploy.json")
+    if de:
+        from reproduce.deploy_bench import deploy_table
+        lines += ["## deploy: batch-1 inference, PyTorch eager vs onnxruntime", "",
+                  "Random weights; latency median [IQR] over interleaved rounds; GFLOPs: conv + matmul "
+                  "(FlopCounterMode); peak memory: resident growth from loading the model to the end of "
+                  "its first inference, fresh process per runtime; AP: stored metrics of the trained "
+                  "checkpoints of the same configs (reproduce/deploy_bench.py).", ""]
+        from reproduce.tables import CONFIG_MARKS_NOTE
+        lines += deploy_table(de) + ["", CONFIG_MARKS_NOTE, ""]
     path = out_dir / "summary.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -987,8 +1001,13 @@ def write_figure(out_dir: Path) -> Path | None:
 
 # ---------------------------------------------------------------------------- CLI
 
+def bench_deploy(args, *_):
+    from reproduce.deploy_bench import bench_deploy as run
+    return run(args)
+
+
 RUNNERS = {"msda": bench_msda, "train_step": bench_train_step, "distill_overhead": bench_distill_overhead,
-           "models": bench_models, "eval": bench_eval}
+           "models": bench_models, "eval": bench_eval, "deploy": bench_deploy}
 
 
 def _log(msg: str) -> None:

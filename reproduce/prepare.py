@@ -15,7 +15,7 @@ so the conversion is the one place where raw-data quirks are decided:
 
 Usage::
 
-    python -m reproduce.prepare --dataset {synth,kitti,coco} [--raw DIR] [--out DIR]
+    python -m reproduce.prepare --dataset {synth,kitti,coco,custom} [--raw DIR] [--out DIR]
                                 [--params params.yaml]
 
 writes ``data/prepared/<profile>/`` by default, the profile being the one that uses the
@@ -649,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "data/prepared/<profile>/, where the profile using that dataset reads it "
                     "(synth -> mini).",
     )
-    parser.add_argument("--dataset", required=True, choices=("synth", "kitti", "coco"))
+    parser.add_argument("--dataset", required=True, choices=("synth", "kitti", "coco", "custom"))
     parser.add_argument("--raw", type=Path, help="raw data root (default: from params)")
     parser.add_argument("--out", type=Path,
                         help="output folder (default: data.prepared/<profile of the dataset>)")
@@ -676,6 +676,9 @@ def run(dataset: str, raw: Path | None, out: Path | None, params: dict) -> tuple
     The ``prepare`` stage calls this too, so the CLI and the pipeline cannot disagree.
     """
     out = out or Path(get_dotted(params, "data.prepared")) / profile_of(params, dataset)
+    if dataset == "custom":     # your own COCO-format data: the paths are in data.custom, not a raw root
+        from reproduce.custom_data import prepare_custom
+        return prepare_custom(get_dotted(params, "data.custom"), out), out
     if dataset == "coco":
         raw = raw or Path(get_dotted(params, "data.coco.raw"))
         max_images = get_dotted(params, "data.coco").get("max_images")

@@ -41,6 +41,11 @@ def make_raw(params: dict, profile: str) -> Path:
         s = params["data"]["synth"]
         return generate(out, seed=s["seed"], num_train=s["num_train"], num_val=s["num_val"], num_test=s["num_test"],
                         width=s["width"], height=s["height"], difficulty=s["difficulty"])
+    if dataset == "custom":     # your own data, named in data.custom: nothing to download, only to check
+        from .custom_data import check_custom_files
+        check_custom_files(params["data"].get("custom"))
+        out.mkdir(parents=True, exist_ok=True)
+        return out
     from .download import download_dataset
     return download_dataset(dataset, root=out)
 

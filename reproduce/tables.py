@@ -2,7 +2,8 @@
 
 Reads every metrics JSON under ``results/<profile>/<detector>/`` (written by
 ``reproduce.evaluate``), groups runs by (detector, method), and writes mean ± std over seeds
-with ΔAP over the no-distillation student (paired by seed), to ``results/tables/{table2,ablation}.{md,csv,tex}``.
+with ΔAP over the no-distillation student (paired by seed), to ``results/tables/{table2,ablation}.{md,csv,tex}``,
+and the model zoo (one row per trained checkpoint, where its file lands) to ``model_zoo.*``.
 The "paper" column comes only from ``results/paper/reported.yaml`` (transcribed values).
 Files are replaced atomically; with no stored metrics at all it refuses in one line and leaves
 the committed tables as they are.
@@ -20,6 +21,10 @@ import yaml
 from reproduce.outputs import refuse, write_text_atomic
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+# KITTI's own AP (R40, Moderate) from reproduce.evaluate's "kitti" entry, for KITTI-format data
+# (the kitti profile, the synthetic scenes); the columns appear when any run has it
+KITTI_COLUMNS = {"KITTI Car (mod)": ("Car", "moderate"), "KITTI Ped (mod)": ("Pedestrian", "moderate"),
+                 "KITTI Cyc (mod)": ("Cyclist", "moderate"), "KITTI mAP (mod)": ("mAP_moderate", None)}
 MAIN_ORDER = ["teacher", "student", "fitnet", "fgd", "mgd", "kd_detr", "detrdistill", "clockdistill"]
 ABLATION_ORDER = ["both", "lcmd_only", "tcld_only", "no_location_mask", "backbone_features", "paper_weights"]
 DETECTOR_NAMES = {"dab_detr": "DAB-DETR", "deformable_detr": "Deformable DETR", "dino": "DINO"}
@@ -80,11 +85,20 @@ def paper_cell(reported: dict, method: str) -> str:
     return DASH
 
 
+def kitti_value(run: dict, cls: str, level: str | None) -> float | None:
+    """One KITTI AP (fraction) of a run's metrics, None when it has none."""
+    entry = (run.get("kitti") or {}).get(cls)
+    if level is not None:
+        entry = entry.get(level) if isinstance(entry, dict) else None
+    return float(entry) if isinstance(entry, (int, float)) else None
+
+
 def build_rows(runs: list[dict], reported: dict, order: list[str], key: str = "method",
                students: list[dict] | None = None) -> list[dict]:
     """One row per (detector, ``key``); ΔAP is over the no-KD student runs (taken from
     ``students`` when given, e.g. Table 2's runs for the ablation table)."""
     rows = []
+    with_kitti = any(isinstance(r.get("kitti"), dict) for r in runs)
     for detector in [d for d in DETECTOR_NAMES if any(r["detector"] == d for r in runs)]:
         det_runs = [r for r in runs if r["detector"] == detector]
         student = {r["seed"]: r["AP"] for r in (students if students is not None else runs)
@@ -96,6 +110,10 @@ def build_rows(runs: list[dict], reported: dict, order: list[str], key: str = "m
             row = {"detector": DETECTOR_NAMES[detector], key: name, "seeds": len(group)}
             for m in METRICS:
                 row[m] = fmt([r[m] for r in group if r.get(m) is not None and r[m] >= 0])
+            if with_kitti:
+                for column, (cls, level) in KITTI_COLUMNS.items():
+                    values = [kitti_value(r, cls, level) for r in group]
+                    row[column] = fmt([v for v in values if v is not None])
             if student and name not in ("student", "teacher"):
                 row["ΔAP"] = f"{delta_ap({r['seed']: r['AP'] for r in group}, student) * 100:+.1f}"
             else:
@@ -134,11 +152,69 @@ def to_latex(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(rows: list[dict], out_dir: Path, name: str, title: str) -> str:
-    md = to_markdown(rows, title)
+def write_table(rows: list[dict], out_dir: Path, name: str, title: str, note: str = "") -> str:
+    md = to_markdown(rows, title) + (f"\n{note}\n" if note and rows else "")
     for suffix, text in (("md", md), ("csv", to_csv(rows)), ("tex", to_latex(rows))):
         write_text_atomic(out_dir / f"{name}.{suffix}", text)
     return md
+
+
+# ---------------------------------------------------------------------------- model zoo
+
+#: marks on an AP whose checkpoint may not be the config params.yaml builds today
+UNRECORDED, OTHER_CONFIG = "†", "‡"
+CONFIG_MARKS_NOTE = (f"{UNRECORDED}: the metrics do not record their model config (stored before "
+                     "reproduce.evaluate recorded it), so the AP may belong to an earlier config than "
+                     f"params.yaml's; {OTHER_CONFIG}: recorded, and not params.yaml's config.")
+
+
+def config_mark(runs: list[dict], cfg: dict | None) -> str:
+    """'' when every run records ``cfg`` as its model config, else UNRECORDED or OTHER_CONFIG."""
+    recorded = [r.get("model_cfg") for r in runs]
+    if any(c is None for c in recorded):
+        return UNRECORDED
+    return "" if cfg is not None and all(c == cfg for c in recorded) else OTHER_CONFIG
+
+
+def describe_model(cfg: dict) -> str:
+    """A short config string: backbone, width, layers, queries."""
+    b = cfg.get("backbone") or {}
+    backbone = b.get("name", "?") + (f" {b['widths'][0]}-{b['widths'][-1]}" if b.get("widths") else "")
+    return (f"{backbone}, d {cfg.get('d_model')}, {cfg.get('enc_layers')}+{cfg.get('dec_layers')} layers, "
+            f"{cfg.get('num_queries')} queries")
+
+
+def model_zoo_rows(runs: list[dict], params: dict, profile: str) -> list[dict]:
+    """One row per trained checkpoint the pipeline produced (Table 2's runs and the ablation
+    variants), with where its file lands (``reproduce.experiments.run_dir``: the default seed
+    in ``runs/<profile>/<detector>/<run>/``, other seeds in ``<run>-s<seed>/``)."""
+    from reproduce.runconfig import model_config
+    default_seed = int(params.get("seed", 0))
+    rows = []
+    for detector in DETECTOR_NAMES:
+        det_runs = [r for r in runs if r["detector"] == detector]
+        names = [m for m in MAIN_ORDER if any(not r.get("ablation") and r["method"] == m for r in det_runs)]
+        names += sorted({f"ablation-{r['ablation']}" for r in det_runs if r.get("ablation")})
+        for name in names:
+            group = [r for r in det_runs if (f"ablation-{r['ablation']}" if r.get("ablation") else r["method"]) == name]
+            role = "teacher" if name == "teacher" else "student"
+            try:
+                model = model_config(params, detector, role, profile)
+            except (KeyError, ValueError):
+                model = None
+            cfg = describe_model(model) if model else DASH
+            steps = sorted({r.get("steps") for r in group if r.get("steps") is not None})
+            seeds = sorted(r["seed"] for r in group)
+            # shell brace form: runs/mini/dino/student{,-s1,-s2}/model.pth
+            suffixes = ["" if s == default_seed else f"-s{s}" for s in seeds]
+            where = suffixes[0] if len(suffixes) == 1 else "{" + ",".join(suffixes) + "}"
+            rows.append({"profile": profile, "detector": DETECTOR_NAMES[detector],
+                         "role / method": role if name in ("teacher", "student") else f"student / {name}",
+                         "config": cfg + (f"; {'/'.join(map(str, steps))} steps" if steps else ""),
+                         "AP x100": fmt([r["AP"] for r in group]) + config_mark(group, model),
+                         "seeds": len(group),
+                         "file": f"runs/{profile}/{detector}/{name}{where}/model.pth"})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,10 +236,16 @@ def main(argv: list[str] | None = None) -> int:
                       f"the committed tables in {out} are left as they are")
     main_runs, ablation_runs = split_runs(runs)
     print(write_table(build_rows(main_runs, reported, MAIN_ORDER), out, "table2",
-                      f"Table 2 ({profile} profile): COCO AP x100, mean ± std over seeds"))
+                      f"Table 2 ({profile} profile): COCO AP x100"
+                      + (" (KITTI columns: KITTI's R40 AP x100 at Moderate, where evaluated)"
+                         if any(isinstance(r.get("kitti"), dict) for r in main_runs) else "")
+                      + ", mean ± std over seeds"))
     print(write_table(build_rows(ablation_runs, reported, ABLATION_ORDER, key="variant", students=main_runs),
                       out, "ablation",
                       f"Ablations ({profile} profile): COCO AP x100"))
+    print(write_table(model_zoo_rows(runs, params, profile), out, "model_zoo",
+                      f"Model zoo ({profile} profile): trained checkpoints, config as params.yaml builds "
+                      f"it, COCO AP x100 on the {runs[0].get('split', 'eval')} split", note=CONFIG_MARKS_NOTE))
     return 0
 
 

@@ -12,6 +12,12 @@ Usage::
 changing the schedule (LR drop etc. still refer to ``train.steps``); a later call continues
 from the checkpoint. Change the schedule itself with ``-S train.steps=N``.
 
+``--init-from CKPT`` (fine-tuning): start the student from a trained model.pth / checkpoint.pth
+of the same detector and config, trained on any dataset; when its class count differs from
+this dataset's, the class-dependent weights (class heads, DINO's denoising label embedding)
+are re-initialised with a note on stderr (``reproduce.checkpoint.load_detector(reinit_classes=
+True)``, as DINO's ``--finetune_ignore``). A run that resumes from its own checkpoint ignores it.
+
 Outputs in ``--out``: ``checkpoint.pth`` (resume state, every ``checkpoint_every`` steps and at
 the end), ``model.pth`` (student weights, EMA when enabled), ``train_log.csv`` (one row per
 ``log_every`` steps: step, epoch, lr, loss, each loss term, grad norm, seconds/step, skipped),
@@ -96,12 +102,14 @@ def _check_resume_config(saved: dict, cfg: dict) -> None:
 
 def train(cfg: dict, out_dir: str | Path, *, teacher: str | Path | None = None, max_steps: int | None = None,
           resume: str = "auto", device: str | None = None, dataset=None, show_progress: bool = True,
-          return_distiller: bool = False, allow_unfinished_teacher: bool = False):
+          return_distiller: bool = False, allow_unfinished_teacher: bool = False,
+          init_from: str | Path | None = None):
     """Run (or continue) one training run described by ``cfg`` (from :func:`resolve_run`).
 
     ``dataset``: a ready training dataset (tests); default: the prepared train split with the
     profile's training transforms. Returns the summary dict (rank 0 writes it to disk), and the
-    trained distiller too with ``return_distiller``. On SIGTERM or SIGUSR1 (a scheduler's
+    trained distiller too with ``return_distiller``. ``init_from``: the fine-tuning start
+    (module docstring). On SIGTERM or SIGUSR1 (a scheduler's
     notice) the run checkpoints at the next step boundary and returns with ``preempted`` set.
     """
     out_dir = Path(out_dir)
@@ -116,6 +124,11 @@ def train(cfg: dict, out_dir: str | Path, *, teacher: str | Path | None = None, 
     dataset = dataset if dataset is not None else build_train_dataset(cfg)
     num_classes = int(dataset.num_classes)
     student = build_detector(cfg["model"], num_classes)
+    if init_from is not None:
+        start, _ = ckpt_io.load_detector(init_from, cfg["detector"], cfg["model"], num_classes,
+                                         what="--init-from model", reinit_classes=True)
+        student.load_state_dict(start.state_dict())
+        del start
     criterion = build_criterion(cfg["detector"], num_classes)
     # after the student: building the teacher draws from the RNG the student's init used
     teacher_model = load_teacher(teacher, cfg, num_classes, allow_unfinished_teacher) if teacher is not None else None
@@ -287,6 +300,7 @@ def train(cfg: dict, out_dir: str | Path, *, teacher: str | Path | None = None, 
         "device": str(dev),
         "num_classes": num_classes,
         "teacher_checkpoint": str(teacher) if teacher is not None else None,
+        "init_from": str(init_from) if init_from is not None else None,
         "final_log_row": last_row,
         "config": cfg,
     }
@@ -329,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unfinished-teacher", action="store_true",
                    help="accept a teacher whose run stopped before the end of its schedule")
     p.add_argument("--out", type=Path, required=True, help="run directory, e.g. runs/mini/dino/student")
+    p.add_argument("--init-from", type=Path, metavar="CKPT",
+                   help="fine-tune: start from this model.pth / checkpoint.pth (same detector and config; "
+                        "another class count re-initialises the class heads)")
     p.add_argument("--seed", type=int, help="overrides params seed")
     p.add_argument("--profile", help="overrides params profile")
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -359,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--teacher is for distillation methods; --method student trains without one")
         summary = train(cfg, args.out, teacher=args.teacher, max_steps=args.max_steps, resume=args.resume,
                         device=args.device, show_progress=not args.no_progress,
-                        allow_unfinished_teacher=args.allow_unfinished_teacher)
+                        allow_unfinished_teacher=args.allow_unfinished_teacher, init_from=args.init_from)
     except (ConfigError, ckpt_io.CheckpointError, BackboneWeightsError, FileNotFoundError) as err:
         print(f"train: error: {err}", file=sys.stderr)
         return 1

@@ -138,4 +138,17 @@ def test_quick_run_writes_valid_json(tmp_path):
     evaluation = json.loads((tmp_path / "eval.json").read_text())["result"]
     assert evaluation["cocoeval"]["median"] > 0 and 0 <= evaluation["cocoeval"]["AP"] <= 1
     assert (tmp_path / "summary.md").read_text().startswith("# Benchmarks")
+    deploy = json.loads((tmp_path / "deploy.json").read_text())["result"]
+    for row in deploy["rows"]:
+        assert row["gflops"] > 0 and row["max_abs_diff"] < 1e-4, row
+        assert row["timings"]["onnxruntime"]["median"] > 0 and row["ratio_eager_over_onnxruntime"]["median"] > 0
+    assert "## deploy" in (tmp_path / "summary.md").read_text()
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_deploy_image_sizes_follow_the_eval_transforms():
+    from reproduce.deploy_bench import eval_image_size
+    assert eval_image_size((128, 416), {"short_sides": [128], "max_size": 416}) == (128, 416)
+    # KITTI at 800 short side, capped at 1333 on the long side
+    assert eval_image_size((375, 1242), {"short_sides": [480, 800], "max_size": 1333}) == (402, 1333)
+    assert eval_image_size((640, 480), {"short_sides": [800], "max_size": 1333}) == (1066, 800)

@@ -81,7 +81,10 @@ def test_resolve_run_from_params_yaml():
     prof = params["profiles"]["mini"]
     assert student["train"]["steps"] == prof["train"]["steps"]
     assert teacher["train"]["steps"] == prof["train"]["teacher_steps"]
-    assert student["model"]["d_model"] == 64 and teacher["model"]["d_model"] == 96
+    # the paper-built teacher: the student's transformer on a larger backbone
+    for key in ("d_model", "dec_layers", "enc_layers", "dim_feedforward", "num_queries"):
+        assert teacher["model"][key] == student["model"][key]
+    assert teacher["model"]["backbone"] != student["model"]["backbone"]
     assert teacher["model"]["backbone"]["widths"] == prof["teacher"]["overrides"]["backbone"]["widths"]
     assert student["dataset"] == "synth"
     assert student["data"]["train"] == str(Path(params["data"]["prepared"]) / "mini" / "train.json")
@@ -91,9 +94,7 @@ def test_resolve_run_from_params_yaml():
     assert kd["model"] == student["model"] and kd["teacher_model"] == teacher["model"]
     # per_detector overrides reach only their detector
     dab_teacher = resolve_run(params, "dab_detr", "teacher", profile="mini")
-    assert dab_teacher["model"]["num_queries"] == prof["teacher"]["per_detector"]["dab_detr"]["num_queries"]
-    assert teacher["model"]["num_queries"] == prof["teacher"]["overrides"]["num_queries"]
-    assert dab_teacher["model"]["d_model"] == 96
+    assert dab_teacher["model"]["num_queries"] == resolve_run(params, "dab_detr", "student")["model"]["num_queries"]
     assert dab_teacher["train"]["steps"] == prof["train"]["per_detector"]["dab_detr"]["teacher_steps"]
     assert resolve_run(params, "dab_detr", "student", profile="mini")["train"]["steps"] == prof["train"]["steps"]
     assert "per_detector" not in teacher["train"]
