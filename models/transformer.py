@@ -211,9 +211,13 @@ class ConditionalDecoder(BoxDecoder):
     """
 
     def __init__(self, d_model, n_heads, dim_feedforward, dropout, num_layers, num_classes,
-                 modulate_hw_attn=True, anchor_pos_temperature=10000.0, share_heads=True, activation="relu"):
+                 modulate_hw_attn=True, anchor_pos_temperature=10000.0, share_heads=True, activation="relu",
+                 anchor_update_normed=False):
         super().__init__(d_model, num_classes, num_layers, share_heads, refine=True, final_norm=True)
         self.anchor_pos_temperature = anchor_pos_temperature
+        # ``anchor_update_normed``: update anchors from the normed state, detached (our earlier
+        # variant; not DAB-DETR's)
+        self.anchor_update_normed = anchor_update_normed
         layer = ConditionalDecoderLayer(d_model, n_heads, dim_feedforward, dropout, activation)
         self.layers = clones(layer, num_layers)
         for layer in self.layers[1:]:
@@ -249,7 +253,10 @@ class ConditionalDecoder(BoxDecoder):
             if attn is not None:
                 attention.append(attn)
             if i < len(self.layers) - 1:   # the last layer's update would feed nothing
-                box_base = (self.box_heads[i](output) + inverse_sigmoid(reference)).sigmoid()
+                if self.anchor_update_normed:
+                    box_base = box.detach()
+                else:
+                    box_base = (self.box_heads[i](output) + inverse_sigmoid(reference)).sigmoid()
                 reference = box_base.detach()
         return self.stack(logits, boxes, states, references, attention)
 
