@@ -51,7 +51,7 @@ def _changed_init(monkeypatch, detector):
 
 def _changed_matcher_cost(monkeypatch, detector):
     monkeypatch.setattr(models.build, "HungarianMatcher",
-                        functools.partial(models.build.HungarianMatcher, cost_bbox=4.0))
+                        functools.partial(models.build.HungarianMatcher, cost_bbox=2.0))
 
 
 @pytest.mark.parametrize("change", [_changed_loss_weight, _changed_init, _changed_matcher_cost],
