@@ -20,8 +20,12 @@ Choices (``build_transforms(train, cfg)``; keys of ``cfg``, all optional):
   Normalisation comes last so that every earlier step works on ``uint8`` pixels (cheaper, and
   ColorJitter's ranges are defined for [0, 1]/[0, 255] images, not standardised ones).
 
-Random crops (also part of DETR's recipe) are deliberately left out: on KITTI's wide, short
-frames they mostly cut objects in half. Degenerate boxes are removed afterwards by
+* ``detr_crop`` (bool, train only, default off): DETR's COCO training branch
+  (facebookresearch/detr datasets/coco.py ``make_coco_transforms``, grade A): with probability
+  0.5 the multi-scale resize above, otherwise resize the short side to one of 400/500/600 px,
+  crop a random region of 384-600 px per side (:class:`RandomSizeCrop`), then the multi-scale
+  resize. The coco profile turns it on; the mini and kitti profiles keep it off: on KITTI's
+  wide, short frames crops mostly cut objects in half. Degenerate boxes are removed afterwards by
 :func:`sanitize_target`, which the dataset always applies, whatever transforms it was given.
 """
 from __future__ import annotations
@@ -36,12 +40,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Jitter strengths: mild enough to keep colour cues (red tail lights, cyclist clothing) usable.
 PHOTOMETRIC_JITTER = {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.02}
+#: DETR's crop branch (detr datasets/coco.py): short sides before the crop, crop side range (grade A)
+DETR_CROP_PRE_SIDES = (400, 500, 600)
+DETR_CROP_SIZE = (384, 600)
 
 DEFAULT_CFG: dict[str, Any] = {
     "short_sides": [800],
     "max_size": 1333,
     "hflip": 0.5,
     "photometric": False,
+    "detr_crop": False,
     "mean": IMAGENET_MEAN,
     "std": IMAGENET_STD,
 }
@@ -60,7 +68,14 @@ def build_transforms(train: bool, cfg: dict[str, Any] | None = None) -> v2.Compo
     if train and cfg["hflip"] > 0:
         steps.append(v2.RandomHorizontalFlip(p=float(cfg["hflip"])))
     resize = _resize(train, cfg["short_sides"], cfg["max_size"])
-    if resize is not None:
+    if train and cfg["detr_crop"]:
+        if resize is None:
+            raise ValueError("build_transforms: detr_crop needs short_sides (it ends with the multi-scale resize)")
+        crop_branch = v2.Compose([v2.RandomShortestSize(min_size=list(DETR_CROP_PRE_SIDES)),
+                                  RandomSizeCrop(*DETR_CROP_SIZE),
+                                  _resize(train, cfg["short_sides"], cfg["max_size"])])
+        steps.append(v2.RandomChoice([resize, crop_branch]))   # DETR's RandomSelect, p = 0.5
+    elif resize is not None:
         steps.append(resize)
     if train and cfg["photometric"]:
         steps.append(v2.ColorJitter(**PHOTOMETRIC_JITTER))  # after resize: fewer pixels to jitter
@@ -94,6 +109,37 @@ def _resize(train: bool, short_sides: list[int] | None, max_size: int | None) ->
         raise ValueError(f"build_transforms: sizes must be positive ({sides}, {max_size})")
     choices = sides if train else sides[-1:]
     return v2.RandomShortestSize(min_size=choices, max_size=max_size)
+
+
+class RandomSizeCrop(v2.Transform):
+    """Crop a random ``h x w`` region, ``h`` and ``w`` drawn uniformly (inclusive) from
+    ``[min_size, min(side, max_size)]``, at a uniformly random position: DETR's
+    ``RandomSizeCrop`` (facebookresearch/detr datasets/transforms.py) as a v2 transform, so the
+    boxes are shifted and clamped with the pixels; boxes cropped to nothing are removed later
+    by :func:`sanitize_target`. A side shorter than ``min_size`` is kept whole (DETR would fail).
+    Draws from torch's RNG, so a seeded sample gets the same crop every time."""
+
+    def __init__(self, min_size: int, max_size: int):
+        super().__init__()
+        if not 0 < min_size <= max_size:
+            raise ValueError(f"RandomSizeCrop: need 0 < min_size <= max_size, got {min_size}, {max_size}")
+        self.min_size, self.max_size = int(min_size), int(max_size)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        from torchvision.transforms.v2._utils import query_size
+        height, width = query_size(flat_inputs)
+
+        def draw(side: int) -> int:
+            low, high = min(self.min_size, side), min(side, self.max_size)
+            return int(torch.randint(low, high + 1, ()).item())
+
+        crop_h, crop_w = draw(height), draw(width)
+        top = int(torch.randint(0, height - crop_h + 1, ()).item())
+        left = int(torch.randint(0, width - crop_w + 1, ()).item())
+        return {"top": top, "left": left, "height": crop_h, "width": crop_w}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(v2.functional.crop, inpt, **params)
 
 
 def sanitize_target(target: dict[str, Any], min_size: float = 0.0) -> dict[str, Any]:

@@ -262,3 +262,71 @@ def test_build_transforms_rejects_unknown_keys() -> None:
         build_transforms(True, {"short_side": [800]})
     with pytest.raises(ValueError, match="probability"):
         build_transforms(True, {"hflip": 2})
+
+
+def _crop_branch_only(cfg: dict) -> v2.Compose:
+    """The train pipeline with DETR's RandomSelect forced onto its crop branch."""
+    pipeline = build_transforms(True, cfg)
+    select = next(t for t in pipeline.transforms if isinstance(t, v2.RandomChoice))
+    select.p = [0.0, 1.0]
+    return pipeline
+
+
+def test_detr_crop_boxes_follow_the_crop(coco_json: Path) -> None:
+    """The crop branch moves boxes with the pixels: every kept box lies inside the cropped image,
+    and cropping then resizing equals the native boxes shifted by the crop offset and scaled."""
+    from reproduce.transforms import RandomSizeCrop
+    native = DetectionDataset(coco_json, transforms=build_transforms(False, NATIVE))
+    index = index_with_objects(native, minimum=2)
+    _, full = native[index]
+    crop = RandomSizeCrop(384, 600)
+    torch.manual_seed(3)
+    pipeline = v2.Compose([crop, *build_transforms(False, NATIVE).transforms])
+    cropped = DetectionDataset(coco_json, transforms=pipeline)
+    torch.manual_seed(3)
+    image, target = cropped[index]
+    torch.manual_seed(3)
+    h0, w0 = full["size"].tolist()
+    params = crop.make_params([tv_tensors.Image(torch.zeros(3, h0, w0, dtype=torch.uint8))])
+    assert tuple(image.shape[-2:]) == (params["height"], params["width"])
+    assert 384 <= params["height"] <= 600 and 384 <= params["width"] <= 600
+    shifted = to_pixels(full["boxes"], full["size"]) - torch.tensor([params["left"], params["top"]] * 2)
+    clamped = shifted.clamp(min=0)
+    clamped[:, 0::2] = clamped[:, 0::2].clamp(max=params["width"])
+    clamped[:, 1::2] = clamped[:, 1::2].clamp(max=params["height"])
+    kept = (clamped[:, 2] > clamped[:, 0]) & (clamped[:, 3] > clamped[:, 1])
+    assert torch.allclose(to_pixels(target["boxes"], target["size"]), clamped[kept], atol=1e-3)
+    assert target["labels"].tolist() == full["labels"][kept].tolist()
+
+    # the whole branch: sizes end on the multi-scale resize, boxes stay inside the image
+    cfg = {"short_sides": [480, 800], "max_size": 1333, "hflip": 0.0, "detr_crop": True}
+    branch = DetectionDataset(coco_json, transforms=_crop_branch_only(cfg))
+    for seed in range(4):
+        torch.manual_seed(seed)
+        image, target = branch[index]
+        short = min(image.shape[-2:])     # RandomShortestSize rounds through the long side: +-1 px
+        assert any(abs(short - side) <= 1 for side in (480, 800)) or max(image.shape[-2:]) == 1333
+        assert ((target["boxes"] >= 0) & (target["boxes"] <= 1)).all()
+
+
+def test_detr_crop_is_deterministic_under_a_seed(coco_json: Path) -> None:
+    cfg = {"short_sides": [480, 512, 544], "max_size": 1333, "detr_crop": True}
+    ds = DetectionDataset(coco_json, transforms=build_transforms(True, cfg))
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        runs.append([ds[i] for i in range(min(4, len(ds)))])
+    for (img_a, tgt_a), (img_b, tgt_b) in zip(*runs):
+        assert torch.equal(img_a, img_b) and torch.equal(tgt_a["boxes"], tgt_b["boxes"])
+    torch.manual_seed(12)
+    other = [ds[i][0].shape for i in range(min(4, len(ds)))]
+    assert other != [img.shape for img, _ in runs[0]] or len(ds) == 0
+
+
+def test_detr_crop_is_off_by_default_and_train_only() -> None:
+    assert not any(isinstance(t, v2.RandomChoice) for t in build_transforms(True, {}).transforms)
+    assert not any(isinstance(t, v2.RandomChoice) for t in build_transforms(False, {"detr_crop": True}).transforms)
+    with pytest.raises(ValueError, match="detr_crop needs short_sides"):
+        build_transforms(True, {"short_sides": None, "detr_crop": True})
+    with pytest.raises(ValueError, match="unknown option"):
+        build_transforms(True, {"detr_crops": True})
