@@ -301,7 +301,7 @@ class MultiScaleDeformableAttention(nn.Module):
             if reference_points.shape[-1] == 2 or point_queries is not None:
                 # offsets are in cells of each level: divide by (W_l, H_l)
                 if torch.jit.is_tracing():
-                    # ONNX export (reproduce/export.py): the level sizes are traced 0-d tensors;
+                    # ONNX export (reproduce/deploy/export.py): the level sizes are traced 0-d tensors;
                     # torch.tensor would bake the example image's sizes into the graph
                     normalizer = torch.stack([torch.stack([torch.as_tensor(w), torch.as_tensor(h)])
                                               for h, w in spatial_shapes]).to(query.device, torch.float32)

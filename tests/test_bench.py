@@ -14,7 +14,7 @@ import torch
 
 from models import deformable_attention as mda
 from models.deformable_attention import MultiScaleDeformableAttention, multi_scale_deformable_attention
-from reproduce import bench
+from reproduce.bench import suite as bench
 from tests.test_models import loop_reference  # one float64 reference for MSDA
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
@@ -147,7 +147,7 @@ def test_quick_run_writes_valid_json(tmp_path):
 
 
 def test_deploy_image_sizes_follow_the_eval_transforms():
-    from reproduce.deploy_bench import eval_image_size
+    from reproduce.bench.deploy_bench import eval_image_size
     assert eval_image_size((128, 416), {"short_sides": [128], "max_size": 416}) == (128, 416)
     # KITTI at 800 short side, capped at 1333 on the long side
     assert eval_image_size((375, 1242), {"short_sides": [480, 800], "max_size": 1333}) == (402, 1333)

@@ -10,9 +10,9 @@ from torch import nn
 
 import distill
 from distill import Distiller
-from reproduce import checkpoint as ckpt_io
-from reproduce.runconfig import resolve_run
-from reproduce.train import train
+from reproduce.training import checkpoint as ckpt_io
+from reproduce.training.runconfig import resolve_run
+from reproduce.training.train import train
 from tests.test_engine import make_toy_dataset, toy_params
 
 
@@ -222,8 +222,8 @@ def test_preemption_signal_checkpoints_and_resumes_bitwise(tmp_path, monkeypatch
 
     import yaml
 
-    from reproduce import train as train_cli
-    from reproduce.engine import PREEMPTED_EXIT_CODE
+    from reproduce.training import train as train_cli
+    from reproduce.training.engine import PREEMPTED_EXIT_CODE
     prepared = make_toy_dataset(tmp_path / "data", n=6)
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(toy_params(prepared, steps=6, checkpoint_every=100, log_every=1)))

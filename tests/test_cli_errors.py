@@ -6,10 +6,10 @@ import pytest
 import torch
 import yaml
 
-from reproduce import evaluate as evaluate_cli
-from reproduce import train as train_cli
-from reproduce.runconfig import resolve_run
-from reproduce.train import train
+from reproduce.evaluation import evaluate as evaluate_cli
+from reproduce.training import train as train_cli
+from reproduce.training.runconfig import resolve_run
+from reproduce.training.train import train
 from tests.test_engine import make_toy_dataset, toy_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reproduce.outputs import atomic_path
+from reproduce.core.outputs import atomic_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
 def test_figures_without_runs_keep_the_committed_curves(tmp_path, monkeypatch, capsys):
     """Stored metrics are committed, so the gains figure is rendered; the training curves need
     runs/ and stay as they were."""
-    from reproduce import figures
+    from reproduce.report import figures
     shutil.copytree(REPO / "results" / "mini", tmp_path / "results" / "mini")
     shutil.copytree(REPO / "results" / "figures", tmp_path / "results" / "figures")
     curves = {k: v for k, v in snapshot(tmp_path / "results" / "figures").items() if k.startswith("curves_")}
@@ -47,7 +47,7 @@ def test_figures_without_runs_keep_the_committed_curves(tmp_path, monkeypatch, c
 
 
 def test_figures_without_any_inputs_write_nothing(tmp_path, monkeypatch, capsys):
-    from reproduce import figures
+    from reproduce.report import figures
     shutil.copytree(REPO / "results" / "figures", tmp_path / "results" / "figures")
     before = snapshot(tmp_path / "results" / "figures")
     monkeypatch.chdir(tmp_path)
@@ -69,7 +69,7 @@ def results_without_metrics(tmp_path: Path) -> Path:
 
 
 def test_tables_without_metrics_keep_the_committed_tables(tmp_path, capsys):
-    from reproduce import tables
+    from reproduce.report import tables
     results = results_without_metrics(tmp_path)
     before = snapshot(results / "tables")
     assert tables.main(["--results", str(results), "--params", str(tmp_path / "params.yaml")]) == 1
@@ -81,7 +81,7 @@ def test_tables_without_metrics_keep_the_committed_tables(tmp_path, capsys):
 
 
 def test_claim_without_metrics_keeps_the_committed_verdict(tmp_path, capsys):
-    from reproduce import claim
+    from reproduce.report import claim
     results = results_without_metrics(tmp_path)
     before = snapshot(results / "tables")
     assert claim.main(["--results", str(results), "--params", str(tmp_path / "params.yaml")]) == 1
@@ -94,7 +94,8 @@ def test_claim_without_metrics_keeps_the_committed_verdict(tmp_path, capsys):
 
 def test_tables_and_claim_from_committed_metrics_reproduce_the_committed_files(tmp_path):
     """A fresh clone has the metrics, so these keep working there, byte for byte."""
-    from reproduce import claim, tables
+    from reproduce.report import claim
+    from reproduce.report import tables
     results = results_without_metrics(tmp_path)
     shutil.copytree(REPO / "results" / "mini", results / "mini")
     args = ["--results", str(results), "--params", str(tmp_path / "params.yaml")]

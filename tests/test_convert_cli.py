@@ -1,6 +1,6 @@
 """``python -m reproduce.convert``: a random-weight HF model written by ``save_pretrained``,
-converted by the CLI's main(), loaded as reproduce.train / reproduce.evaluate load checkpoints
-(reproduce.checkpoint.load_detector), computes what HF's model computes."""
+converted by the CLI's main(), loaded as reproduce.training.train / reproduce.evaluation.evaluate load checkpoints
+(reproduce.training.checkpoint.load_detector), computes what HF's model computes."""
 from __future__ import annotations
 
 import importlib
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reproduce.checkpoint import load_detector
+from reproduce.training.checkpoint import load_detector
 from reproduce.convert.cli import main
 
 transformers = pytest.importorskip("transformers")
@@ -96,7 +96,7 @@ def test_converted_checkpoint_computes_hf_outputs(hf_saved, tmp_path, capsys):
     detector, hf, folder = hf_saved
     out = tmp_path / "model.pth"
     assert main([str(folder), "--out", str(out)]) == 0, capsys.readouterr().err
-    # as reproduce.train --teacher loads it: its own config, a finished run, the dataset's classes
+    # as reproduce.training.train --teacher loads it: its own config, a finished run, the dataset's classes
     model, meta = load_detector(out, detector, None, NUM_CLASSES, require_completed=True, what="teacher")
     assert meta["converted"] is True and meta["source"] == str(folder.resolve())
     assert meta["hf_config"]["model_type"].replace("-", "_") == detector and meta["num_classes"] == NUM_CLASSES
@@ -194,9 +194,9 @@ def test_converted_config_is_the_profile_teacher(detector):
     """What `--teacher` demands: the converted config equals the kitti / coco teacher config key
     for key (config only, no weights built)."""
     _converter_or_skip(detector)
-    from reproduce.config import load_params
+    from reproduce.core.config import load_params
     from reproduce.convert.cli import canonical_config, converter
-    from reproduce.runconfig import resolve_run
+    from reproduce.training.runconfig import resolve_run
 
     config_class, options = PROFILE_TEACHER_HF[detector]
     hf_config = getattr(transformers, config_class)(**options).to_dict()

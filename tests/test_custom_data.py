@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from reproduce.config import load_params
-from reproduce.custom_data import check_custom_config, prepare_custom
-from reproduce.prepare import PrepareError
+from reproduce.core.config import load_params
+from reproduce.data.custom_data import check_custom_config, prepare_custom
+from reproduce.data.prepare import PrepareError
 from tests.conftest import SHARED_DATA
 
 COCO = SHARED_DATA / "coco_sample"
@@ -39,10 +39,10 @@ def test_params_yaml_has_the_custom_profile():
 
 @needs_sample
 def test_prepare_stage_and_training_on_a_user_dataset(tmp_path):
-    from reproduce.datasets import DetectionDataset
-    from reproduce.runconfig import resolve_run
-    from reproduce.stages import make_prepared
-    from reproduce.train import train
+    from reproduce.data.datasets import DetectionDataset
+    from reproduce.training.runconfig import resolve_run
+    from reproduce.data.stages import make_prepared
+    from reproduce.training.train import train
     params = custom_params(tmp_path)
     outputs = make_prepared(params, "custom")
     assert set(outputs) == {"train", "val"}

@@ -10,9 +10,9 @@ from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from reproduce.datasets import DetectionDataset
-from reproduce.prepare import prepare_coco, prepare_kitti
-from reproduce.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, collate, \
+from reproduce.data.datasets import DetectionDataset
+from reproduce.data.prepare import prepare_coco, prepare_kitti
+from reproduce.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, collate, \
     sanitize_target
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -275,7 +275,7 @@ def _crop_branch_only(cfg: dict) -> v2.Compose:
 def test_detr_crop_boxes_follow_the_crop(coco_json: Path) -> None:
     """The crop branch moves boxes with the pixels: every kept box lies inside the cropped image,
     and cropping then resizing equals the native boxes shifted by the crop offset and scaled."""
-    from reproduce.transforms import RandomSizeCrop
+    from reproduce.data.transforms import RandomSizeCrop
     native = DetectionDataset(coco_json, transforms=build_transforms(False, NATIVE))
     index = index_with_objects(native, minimum=2)
     _, full = native[index]

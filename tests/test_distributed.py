@@ -23,8 +23,8 @@ def _worker(rank: int, port: int, cfg: dict, out: str, result_dir: str) -> None:
     torch.set_num_threads(1)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    from reproduce import distributed as du
-    from reproduce.train import train
+    from reproduce.training import distributed as du
+    from reproduce.training.train import train
     try:
         info = du.init_distributed("cpu", timeout_s=120)
         assert info.distributed and info.rank == rank and info.world_size == WORLD
@@ -62,8 +62,8 @@ def _worker(rank: int, port: int, cfg: dict, out: str, result_dir: str) -> None:
 def test_two_process_gloo_training(tmp_path, detector):
     """Every detector under DDP: a parameter without gradient (say, a backbone stage after the
     last level read) would make DDP fail in the second step."""
-    from reproduce import checkpoint as ckpt_io
-    from reproduce.runconfig import resolve_run
+    from reproduce.training import checkpoint as ckpt_io
+    from reproduce.training.runconfig import resolve_run
     from tests.test_engine import make_toy_dataset, toy_params
 
     prepared = make_toy_dataset(tmp_path / "data", n=6)

@@ -1,4 +1,4 @@
-"""reproduce.download against a loopback HTTP server: resume, verification, offline, layout.
+"""reproduce.data.download against a loopback HTTP server: resume, verification, offline, layout.
 
 The archives are built here from the real KITTI / COCO samples in ../shared/data, with the
 internal layout of the official zips, and served by a tiny Range-capable server that can be
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from reproduce import download as dl
+from reproduce.data import download as dl
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 KITTI = SHARED / "kitti_sample"

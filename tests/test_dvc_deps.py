@@ -122,7 +122,7 @@ def test_stage_depends_on_every_file_its_command_imports(name):
 def test_the_check_fails_when_a_dependency_is_dropped():
     """Removing ``models`` from the training stage's deps must be caught."""
     stage = STAGES["student"]
-    files = project_closure("reproduce.train")
+    files = project_closure("reproduce.training.train")
     deps = stage_deps(stage)
     assert not uncovered(files, deps)
     dropped = [d for d in deps if d != "models"]

@@ -15,12 +15,12 @@ import torch
 from torchvision.io import write_png
 
 from models.criterion import SetCriterion
-from reproduce import checkpoint as ckpt_io
-from reproduce.config import ConfigError, load_params
-from reproduce.engine import (LRFactor, build_optimizer, build_scheduler, param_group_names, sample_seed,
+from reproduce.training import checkpoint as ckpt_io
+from reproduce.core.config import ConfigError, load_params
+from reproduce.training.engine import (LRFactor, build_optimizer, build_scheduler, param_group_names, sample_seed,
                               train_step)
-from reproduce.runconfig import resolve_run, steps_from_epochs
-from reproduce.train import train
+from reproduce.training.runconfig import resolve_run, steps_from_epochs
+from reproduce.training.train import train
 
 COLORS = [(230, 40, 40), (40, 200, 40), (40, 80, 240)]
 
@@ -268,7 +268,7 @@ def test_cli_smoke(tmp_path, monkeypatch):
     """``python -m reproduce.train`` with a params file and -S overrides (in-process)."""
     import yaml
 
-    from reproduce import train as train_mod
+    from reproduce.training import train as train_mod
     prepared = make_toy_dataset(tmp_path / "data", n=4)
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(toy_params(prepared)))

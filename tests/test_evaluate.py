@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from reproduce.evaluate import coco_metrics, evaluate_model, postprocess, predict, to_coco_results
+from reproduce.evaluation.evaluate import coco_metrics, evaluate_model, postprocess, predict, to_coco_results
 
 CATS = [{"id": 5, "name": "car"}, {"id": 9, "name": "person"}]
 
@@ -136,8 +136,8 @@ def test_evaluate_model_maps_ids_and_rescales(tmp_path):
     model's boxes are relative to the resized image): perfect predictions must give AP 1."""
     from torchvision.io import write_png
 
-    from reproduce.datasets import DetectionDataset
-    from reproduce.transforms import build_transforms
+    from reproduce.data.datasets import DetectionDataset
+    from reproduce.data.transforms import build_transforms
     gt = gt_dict()
     sizes = {10: (100, 200), 20: (80, 60)}
     table, fill = {}, {10: 30, 20: 200}
@@ -173,9 +173,9 @@ def test_cli_writes_metrics_and_detections(tmp_path):
     """train 1 step -> ``python -m reproduce.evaluate`` (in-process) -> metrics + detections JSON."""
     import yaml
 
-    from reproduce import evaluate as evaluate_mod
-    from reproduce.runconfig import resolve_run
-    from reproduce.train import train
+    from reproduce.evaluation import evaluate as evaluate_mod
+    from reproduce.training.runconfig import resolve_run
+    from reproduce.training.train import train
     from tests.test_engine import make_toy_dataset, toy_params
     torch.set_num_threads(1)
     prepared = make_toy_dataset(tmp_path / "data", n=4)
@@ -239,7 +239,7 @@ def test_predict_progress_off_prints_nothing(capsys):
 
 def test_progress_is_a_bar_on_a_terminal():
     """On a TTY the helper hands over to tqdm (carriage returns) and prints no log lines."""
-    from reproduce.progress import Progress
+    from reproduce.core.progress import Progress
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -253,7 +253,7 @@ def test_progress_is_a_bar_on_a_terminal():
 
 
 def test_progress_line_every_n_items():
-    from reproduce.progress import Progress
+    from reproduce.core.progress import Progress
     stream = io.StringIO()
     with Progress(500, "evaluate", unit="images", rate_unit="img", every=120, stream=stream) as bar:
         for _ in range(125):

@@ -1,4 +1,4 @@
-"""KITTI's own metric in ``reproduce.evaluate`` (next to COCO AP) and in Table 2, and the
+"""KITTI's own metric in ``reproduce.evaluation.evaluate`` (next to COCO AP) and in Table 2, and the
 per-detector top-k of the evaluation."""
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from reproduce import evaluate, tables
+from reproduce.evaluation import evaluate
+from reproduce.report import tables
 from tests.conftest import SHARED_DATA
 
 KITTI = SHARED_DATA / "kitti_sample"
@@ -76,7 +77,7 @@ def test_non_kitti_data_gets_no_kitti_metric():
 
 @pytest.mark.skipif(not (KITTI / "training" / "label_2").is_dir(), reason="KITTI sample not available")
 def test_kitti_sample_ground_truth_as_detections_reads_label_2():
-    from reproduce.prepare import prepare_kitti
+    from reproduce.data.prepare import prepare_kitti
     gt = prepare_kitti(KITTI, None)["val"]
     dets = [det(a["image_id"], a["category_id"], a["bbox"], 1.0) for a in gt["annotations"] if not a["iscrowd"]]
     m = evaluate.kitti_metrics(gt, dets)
@@ -109,7 +110,7 @@ def test_table2_gets_kitti_columns_where_present(tmp_path):
 
 
 def test_model_zoo_has_one_row_per_trained_checkpoint():
-    from reproduce.config import load_params
+    from reproduce.core.config import load_params
     params = load_params("params.yaml")
     base = {"AP": 0.1, "steps": 500, "detector": "dino"}
     runs = [dict(base, method="teacher", seed=0, steps=1000), dict(base, method="student", seed=0),
@@ -121,7 +122,7 @@ def test_model_zoo_has_one_row_per_trained_checkpoint():
     assert student["file"] == "runs/mini/dino/student{,-s1}/model.pth" and student["seeds"] == 2
     assert ablation["file"] == "runs/mini/dino/ablation-lcmd_only/model.pth"
     assert "queries" in teacher["config"] and teacher["AP x100"] == "10.0" + tables.UNRECORDED
-    from reproduce.runconfig import model_config
+    from reproduce.training.runconfig import model_config
     cfg = model_config(params, "dino", "student", "mini")
     assert tables.config_mark([{"model_cfg": cfg}], cfg) == ""
     assert tables.config_mark([{"model_cfg": {**cfg, "d_model": 1}}], cfg) == tables.OTHER_CONFIG

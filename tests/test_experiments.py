@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from reproduce.claim import BASELINES, confidence_interval, evaluate_claim
-from reproduce.experiments import ABLATIONS, commands, plan
+from reproduce.report.claim import BASELINES, confidence_interval, evaluate_claim
+from reproduce.pipeline.experiments import ABLATIONS, commands, plan
 
 PARAMS = {"profile": "mini", "seed": 0, "seeds": [0, 1, 2], "methods": list(BASELINES) + ["clockdistill"]}
 

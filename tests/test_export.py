@@ -1,4 +1,4 @@
-"""``reproduce.export``: every detector exports to ONNX with dynamic batch and image size, and
+"""``reproduce.deploy.export``: every detector exports to ONNX with dynamic batch and image size, and
 onnxruntime reproduces PyTorch within 1e-4 on images of other sizes than the traced one."""
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from models.build import build_detector, detector_config
-from reproduce import export
-from reproduce.checkpoint import save_model
+from reproduce.deploy import export
+from reproduce.training.checkpoint import save_model
 
 pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,4 @@
-"""``reproduce.train --init-from``: fine-tuning from a checkpoint with another class count keeps
+"""``reproduce.training.train --init-from``: fine-tuning from a checkpoint with another class count keeps
 every weight but the class-dependent ones, which are re-initialised with a note."""
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from models.build import build_detector
-from reproduce import train as train_cli
-from reproduce.checkpoint import CheckpointError, load_model_state, save_model
-from reproduce.runconfig import resolve_run
-from reproduce.train import train
+from reproduce.training import train as train_cli
+from reproduce.training.checkpoint import CheckpointError, load_model_state, save_model
+from reproduce.training.runconfig import resolve_run
+from reproduce.training.train import train
 from tests.test_engine import make_toy_dataset, toy_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")

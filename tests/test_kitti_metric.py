@@ -1,4 +1,4 @@
-"""reproduce.kitti_metric on hand-made cases whose KITTI AP can be worked out by hand.
+"""reproduce.evaluation.kitti_metric on hand-made cases whose KITTI AP can be worked out by hand.
 
 Conventions of the hand calculations:
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from reproduce.kitti_metric import (
+from reproduce.evaluation.kitti_metric import (
     box_overlap, coco_detections_to_kitti, coco_ground_truth_to_kitti, devkit_thresholds,
     kitti_ap, label_2_for_coco_images, load_label_2, load_label_dir, pr_curve, average_precision,
 )
@@ -253,7 +253,7 @@ def test_load_label_2_reads_labels_and_results(tmp_path):
 
 
 def _prepared_json(tmp_path) -> dict:
-    """A JSON as reproduce.prepare writes it: DontCare copied per category as iscrowd."""
+    """A JSON as reproduce.data.prepare writes it: DontCare copied per category as iscrowd."""
     (tmp_path / "training" / "label_2").mkdir(parents=True)
     (tmp_path / "training" / "label_2" / "000007.txt").write_text(
         LABEL_LINES + "Van 0.00 0 0 10 10 110 110 1 1 1 1 1 1 1\n")
@@ -325,7 +325,7 @@ def _devkit_loop_ap(gts, dets, cls, level):
     """A line-by-line Python rendering of the devkit's cleanData / computeStatistics /
     getThresholds / eval_class (scalar loops, no numpy), as an independent reference for the
     vectorised module. Returns (n_gt, R40, R11)."""
-    from reproduce.kitti_metric import MAX_OCCLUSION, MAX_TRUNCATION, MIN_HEIGHT
+    from reproduce.evaluation.kitti_metric import MAX_OCCLUSION, MAX_TRUNCATION, MIN_HEIGHT
     thr = {"car": 0.7, "pedestrian": 0.5, "cyclist": 0.5}[cls]
     neighbour = {"car": "van", "pedestrian": "person_sitting"}.get(cls)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from reproduce.notebooks import NOTEBOOKS, execute
+from reproduce.report.notebooks import NOTEBOOKS, execute
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
@@ -51,8 +51,8 @@ def test_without_runs_refuses_in_one_line_and_keeps_the_notebooks(tmp_path):
 
 
 def with_fake_runs(clone: Path) -> Path:
-    from reproduce.config import load_params
-    from reproduce.notebooks import required_inputs
+    from reproduce.core.config import load_params
+    from reproduce.report.notebooks import required_inputs
     for path in required_inputs(load_params(clone / "params.yaml")):
         (clone / path).parent.mkdir(parents=True, exist_ok=True)
         (clone / path).write_text("stand-in")
@@ -61,7 +61,7 @@ def with_fake_runs(clone: Path) -> Path:
 
 def test_failed_execution_leaves_the_committed_notebook(tmp_path, monkeypatch, capsys):
     """The notebook is executed into a temp file; a failure half-way never reaches the committed one."""
-    from reproduce import notebooks
+    from reproduce.report import notebooks
     clone = with_fake_runs(fresh_clone(tmp_path))
     monkeypatch.chdir(clone)
     before = snapshot(clone / "notebooks")
@@ -84,7 +84,7 @@ def test_failed_execution_leaves_the_committed_notebook(tmp_path, monkeypatch, c
 
 
 def test_successful_execution_replaces_the_notebook(tmp_path, monkeypatch):
-    from reproduce import notebooks
+    from reproduce.report import notebooks
     clone = with_fake_runs(fresh_clone(tmp_path))
     monkeypatch.chdir(clone)
     monkeypatch.setattr(notebooks, "execute", lambda nb, out, timeout=600: Path(out).write_text(f"executed {nb.name}"))

@@ -24,8 +24,8 @@ import torch
 
 from distill import build_distiller
 from models.build import build_criterion, build_detector, detector_config
-from reproduce.engine import build_optimizer, seed_everything, train_step
-from reproduce.regression import NUM_CLASSES, batch_metrics, synthetic_batch
+from reproduce.training.engine import build_optimizer, seed_everything, train_step
+from reproduce.pipeline.regression import NUM_CLASSES, batch_metrics, synthetic_batch
 
 SETTINGS = {
     "dab_detr": {"lr": 2e-3, "steps": 400, "overrides": {"backbone": {"levels": [4]}}},

@@ -1,4 +1,4 @@
-"""reproduce/paper_smoke.py end to end on one detector and one dataset: the paper-scale kitti
+"""reproduce/bench/paper_smoke.py end to end on one detector and one dataset: the paper-scale kitti
 profile on the real KITTI sample, 1 step each of teacher and CLoCKDistill student, then
 evaluation. Minutes of CPU at 800x1333, so ``slow`` (make test-all)."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from reproduce import paper_smoke
+from reproduce.bench import paper_smoke
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not paper_smoke.SAMPLES["kitti"].is_dir(), reason="../shared/data/kitti_sample absent")]

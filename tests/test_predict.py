@@ -8,9 +8,9 @@ import pytest
 import torch
 from torchvision.io import decode_image
 
-from reproduce import predict as predict_cli
-from reproduce.runconfig import resolve_run
-from reproduce.train import train
+from reproduce.deploy import predict as predict_cli
+from reproduce.training.runconfig import resolve_run
+from reproduce.training.train import train
 from tests.conftest import SHARED_DATA
 from tests.test_engine import make_toy_dataset, toy_params
 

@@ -1,4 +1,4 @@
-"""reproduce.prepare on the real KITTI/COCO samples and on deliberately corrupted copies.
+"""reproduce.data.prepare on the real KITTI/COCO samples and on deliberately corrupted copies.
 
 The samples are read in place from ../shared/data (never copied into the repository); the
 bad-input cases copy two or three frames into tmp_path and break them one way each.
@@ -15,7 +15,7 @@ from typing import Callable
 import pytest
 from PIL import Image
 
-from reproduce.prepare import PrepareError, image_size, main, prepare_coco, prepare_kitti
+from reproduce.data.prepare import PrepareError, image_size, main, prepare_coco, prepare_kitti
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

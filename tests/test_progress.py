@@ -1,9 +1,9 @@
-"""reproduce.progress: plain lines in a log, byte amounts in human units, resumed loops."""
+"""reproduce.core.progress: plain lines in a log, byte amounts in human units, resumed loops."""
 from __future__ import annotations
 
 import io
 
-from reproduce.progress import Progress, _amount
+from reproduce.core.progress import Progress, _amount
 
 
 def test_bytes_are_shown_in_human_units():

@@ -8,7 +8,7 @@ import pytest
 
 import models.build
 import models.transformer
-from reproduce.regression import SHORT_RUNS, load_stored, mismatches, short_run
+from reproduce.pipeline.regression import SHORT_RUNS, load_stored, mismatches, short_run
 
 STORED_RUNS = load_stored()
 TOLERANCE = STORED_RUNS["tolerance_rel"]
@@ -71,8 +71,8 @@ def test_every_detector_has_a_stored_trajectory():
 # --- stored pipeline results: tables and claim agree with the stored metrics -----------------
 from pathlib import Path  # noqa: E402
 
-from reproduce.claim import evaluate_claim  # noqa: E402
-from reproduce.tables import ABLATION_ORDER, MAIN_ORDER, build_rows, load_runs, split_runs, to_csv  # noqa: E402
+from reproduce.report.claim import evaluate_claim  # noqa: E402
+from reproduce.report.tables import ABLATION_ORDER, MAIN_ORDER, build_rows, load_runs, split_runs, to_csv  # noqa: E402
 
 RESULTS = Path("results")
 PROFILE = "mini"

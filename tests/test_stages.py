@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from reproduce import download as dl
-from reproduce import stages
+from reproduce.data import download as dl
+from reproduce.data import stages
 from tests.test_download import kitti_tree
 
 REPO = Path(__file__).resolve().parents[1]

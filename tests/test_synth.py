@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reproduce import synth
+from reproduce.data import synth
 
 W, H = 416, 128
 SMALL = dict(num_train=6, num_val=2, num_test=2, width=W, height=H, difficulty=1.0)

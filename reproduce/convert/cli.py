@@ -1,8 +1,8 @@
 """``python -m reproduce.convert HF_DIR --out model.pth [--num-classes N]``.
 
 Turns a Hugging Face detection checkpoint (a ``save_pretrained`` folder) into a model file of
-this project (reproduce/checkpoint.py ``{"model", "meta"}``), which ``reproduce.train --teacher``
-and ``reproduce.evaluate --checkpoint`` read like one of our own runs. The detector is chosen by
+this project (reproduce/training/checkpoint.py ``{"model", "meta"}``), which ``reproduce.training.train --teacher``
+and ``reproduce.evaluation.evaluate --checkpoint`` read like one of our own runs. The detector is chosen by
 ``model_type``; each detector's module (``reproduce/convert/<detector>.py``) gives
 ``model_config(hf_config)`` (our config) and ``state_dict(hf_state, hf_config)`` (our keys). The
 mapped weights must fill our model exactly (strict load): a key left over on either side is an
@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from reproduce.checkpoint import class_dimension_delta, save_model, summarize_keys
+from reproduce.training.checkpoint import class_dimension_delta, save_model, summarize_keys
 
 from .hf_files import read_config, read_state, restore_shared_heads
 from .resnet import ConvertError
@@ -74,7 +74,7 @@ def hf_class_names(hf_config: dict, num_classes: int) -> list[str] | None:
 def canonical_config(cfg: dict) -> dict:
     """``cfg`` without the options that only restate a constructor default and that the paper
     size does not name, so that a converted default-configured checkpoint has exactly the
-    config the paper profiles build (``reproduce.train --teacher`` compares configs key by key;
+    config the paper profiles build (``reproduce.training.train --teacher`` compares configs key by key;
     an explicit ``dropout: 0.1`` equal to the default would otherwise be a mismatch)."""
     from models.build import DETECTORS, detector_config
 
@@ -107,7 +107,7 @@ def _load_strict(model: torch.nn.Module, state: dict, what: str) -> None:
 
 def _reinit_classes(model_cfg: dict, state: dict, file_classes: int, classes: int, what: str):
     """``(state for classes, reinitialised keys)``: the class-dependent tensors fresh, the rest kept
-    (the rule of reproduce.checkpoint.load_detector's ``reinit_classes``, like DINO's
+    (the rule of reproduce.training.checkpoint.load_detector's ``reinit_classes``, like DINO's
     ``--finetune_ignore``)."""
     from models.build import build_detector
 
@@ -134,7 +134,7 @@ def convert(hf_path: str | Path, out: str | Path, num_classes: int | None = None
     # backbone.weights names the initialisation of a model trained here; a converted model never
     # uses it (its backbone comes from the file). It is recorded as the paper profiles' teacher
     # choice (HF's checkpoints were trained from ImageNet ResNets, grade C), so the file passes
-    # reproduce.train --teacher's check that it is the profile's teacher config.
+    # reproduce.training.train --teacher's check that it is the profile's teacher config.
     model_cfg["backbone"] = {**model_cfg["backbone"], "weights": backbone_weights}
     model_cfg = canonical_config(model_cfg)
     file_classes = int(getattr(module, "num_classes", hf_num_classes)(hf_config))
@@ -162,7 +162,7 @@ def convert(hf_path: str | Path, out: str | Path, num_classes: int | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from reproduce.config import OneLineParser
+    from reproduce.core.config import OneLineParser
 
     p = OneLineParser(prog="python -m reproduce.convert",
                       description="Import a Hugging Face Deformable DETR / DAB-DETR checkpoint (a save_pretrained "

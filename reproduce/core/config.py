@@ -26,7 +26,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def load_params(path: str | Path = PARAMS_FILE) -> dict:
     """Load ``params.yaml`` with ``yaml.safe_load``. Overrides (``-S key=value``) have one
-    parser, reproduce.runconfig.apply_overrides, which also checks keys and types."""
+    parser, reproduce.training.runconfig.apply_overrides, which also checks keys and types."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found (run from the repository root)")
@@ -70,5 +70,5 @@ def deep_merge(base: dict, update: dict) -> dict:
 def write_json(path: str | Path, obj, default=str, sort_keys: bool = True) -> None:
     """Write JSON atomically (temp file, then rename), creating the parent folder: a reader
     never sees a half-written file, even if the writer is killed."""
-    from reproduce.outputs import write_text_atomic
+    from reproduce.core.outputs import write_text_atomic
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=default) + "\n")

@@ -9,10 +9,10 @@ per split, named in ``params.yaml``::
 
 ``python -m reproduce.stages prepare --profile custom`` (or ``python -m reproduce.prepare
 --dataset custom``) checks every split with the same validation as COCO 2017
-(``reproduce.prepare.validate_coco``: ids, boxes inside the image, categories known), checks
+(``reproduce.data.prepare.validate_coco``: ids, boxes inside the image, categories known), checks
 that each image file exists in its folder, drops segmentations and zero-size boxes, and writes
 ``data/prepared/custom/<split>.json`` with ``info.image_root`` set to the split's image folder.
-Category ids are kept as they are (labels are their sorted order, ``reproduce.datasets``), so
+Category ids are kept as they are (labels are their sorted order, ``reproduce.data.datasets``), so
 every split must list the same categories. Relative paths are relative to the repository root
 (where every entry point runs). Unknown splits or keys are errors, so a typo cannot silently
 train on the wrong files.
@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from reproduce.prepare import PrepareError, _load_json, validate_coco, write_outputs
+from reproduce.data.prepare import PrepareError, _load_json, validate_coco, write_outputs
 
 SPLITS = ("train", "val", "test")
 REQUIRED_SPLITS = ("train", "val")

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from reproduce import distributed as du
+from reproduce.training import distributed as du
 
 LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
 

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from models.build import detector_config
-from reproduce.config import ConfigError, set_dotted
+from reproduce.core.config import ConfigError, set_dotted
 
 ROLES = ("teacher", "student")
 SPLITS = ("train", "val", "test")

@@ -397,7 +397,7 @@ def label_2_for_coco_images(gt_json: Mapping[str, Any], root: str | Path | None 
 def coco_ground_truth_to_kitti(gt_json: Mapping[str, Any]) -> list[list[dict]]:
     """KITTI GT per image (``images`` order) from a prepared COCO-format JSON.
 
-    Uses the ``kitti_type``, ``truncated``, ``occluded`` fields that ``reproduce.prepare``
+    Uses the ``kitti_type``, ``truncated``, ``occluded`` fields that ``reproduce.data.prepare``
     stores (``kitti_type`` keeps a ``class_map``-folded Van a Van); crowd/ignore regions become
     one DontCare each (prepare writes a copy per category). Lossy: types prepare drops (Van,
     Person_sitting unless folded by ``class_map``) are missing, so Car detections on Vans count

@@ -33,8 +33,8 @@ JSON present, so ``--only`` refreshes one part):
     activations and workspaces (no tracemalloc, which would slow the step and does not see
     torch's allocations; not ``ru_maxrss``, which Linux carries over from the parent).
 ``deploy``
-    Batch-1 inference for deployment (``reproduce/deploy_bench.py``): mini and paper sizes,
-    teacher vs student, PyTorch eager vs onnxruntime (``reproduce.export``): parameters, GFLOPs
+    Batch-1 inference for deployment (``reproduce/bench/deploy_bench.py``): mini and paper sizes,
+    teacher vs student, PyTorch eager vs onnxruntime (``reproduce.deploy.export``): parameters, GFLOPs
     (torch's FlopCounterMode), latency, peak memory, next to the stored AP of the same configs.
 ``eval``
     Evaluation throughput (model forward + post-processing, images/s) at mini size, and the
@@ -74,9 +74,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from reproduce.config import write_json
+from reproduce.core.config import write_json
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = ("msda", "train_step", "distill_overhead", "models", "eval", "deploy")
 DETECTORS = ("dab_detr", "deformable_detr", "dino")
 NUM_CLASSES = 3
@@ -509,7 +509,7 @@ def registered_methods() -> dict[str, type]:
 
 def load_params_safe() -> dict:
     try:
-        from reproduce.config import load_params
+        from reproduce.core.config import load_params
         return load_params(ROOT / "params.yaml")
     except Exception:   # noqa: BLE001 - the bench still runs with code defaults
         return {}
@@ -702,8 +702,8 @@ def bench_models(args, *_):
 
 def postprocess_fn():
     try:
-        from reproduce.evaluate import postprocess
-        return postprocess, "reproduce.evaluate.postprocess"
+        from reproduce.evaluation.evaluate import postprocess
+        return postprocess, "reproduce.evaluation.evaluate.postprocess"
     except Exception:   # noqa: BLE001 - the evaluation module may be absent or mid-edit
         from models.box_ops import box_cxcywh_to_xyxy
 
@@ -936,13 +936,13 @@ def write_summary(out_dir: Path) -> Path:
                       f"{ce['detections']} detections): {_fmt(ce, 2)} s.", ""]
     de = _read(out_dir / "deploy.json")
     if de:
-        from reproduce.deploy_bench import deploy_table
+        from reproduce.bench.deploy_bench import deploy_table
         lines += ["## deploy: batch-1 inference, PyTorch eager vs onnxruntime", "",
                   "Random weights; latency median [IQR] over interleaved rounds; GFLOPs: conv + matmul "
                   "(FlopCounterMode); peak memory: resident growth from loading the model to the end of "
                   "its first inference, fresh process per runtime; AP: stored metrics of the trained "
-                  "checkpoints of the same configs (reproduce/deploy_bench.py).", ""]
-        from reproduce.tables import CONFIG_MARKS_NOTE
+                  "checkpoints of the same configs (reproduce/bench/deploy_bench.py).", ""]
+        from reproduce.report.tables import CONFIG_MARKS_NOTE
         lines += deploy_table(de) + ["", CONFIG_MARKS_NOTE, ""]
     path = out_dir / "summary.md"
     path.write_text("\n".join(lines) + "\n")
@@ -1002,7 +1002,7 @@ def write_figure(out_dir: Path) -> Path | None:
 # ---------------------------------------------------------------------------- CLI
 
 def bench_deploy(args, *_):
-    from reproduce.deploy_bench import bench_deploy as run
+    from reproduce.bench.deploy_bench import bench_deploy as run
     return run(args)
 
 

@@ -4,7 +4,7 @@ onnxruntime, batch-1 inference on this CPU, next to the AP of the same checkpoin
 For the mini profile (128x416 synthetic scenes) and the paper sizes (the ``kitti`` profile:
 ResNet-18 student, ResNet-50 teacher, a KITTI frame of 375x1242 resized as the evaluation
 transforms do, 402x1333), every detector and role: parameters, GFLOPs, batch-1 latency of the
-eager model and of its ONNX export in onnxruntime (``reproduce.export``), and peak memory.
+eager model and of its ONNX export in onnxruntime (``reproduce.deploy.export``), and peak memory.
 
 * **Weights are random** (latency and memory do not depend on them; grade D); the AP columns
   come from the stored metrics of the trained checkpoints of the same configs
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DETECTORS = ("dab_detr", "deformable_detr", "dino")
 ROLES = ("teacher", "student")
 NUM_CLASSES = 3
@@ -47,7 +47,7 @@ CHILD_TIMEOUT_S = 1800
 
 def eval_image_size(native: tuple[int, int], image_cfg: dict) -> tuple[int, int]:
     """The size the evaluation transforms resize ``native`` to: the last short side, capped by
-    ``max_size`` on the long side (reproduce/transforms.py; torchvision's rounding)."""
+    ``max_size`` on the long side (reproduce/data/transforms.py; torchvision's rounding)."""
     h, w = native
     sides = image_cfg.get("short_sides")
     if not sides:
@@ -65,7 +65,7 @@ def eval_image_size(native: tuple[int, int], image_cfg: dict) -> tuple[int, int]
 def deploy_specs(params: dict, quick: bool) -> list[dict]:
     """One spec per (size, detector, role): its model config and image size."""
     from models.build import detector_config
-    from reproduce.runconfig import _profile, model_config
+    from reproduce.training.runconfig import _profile, model_config
     if quick:
         return [dict(size="tiny", profile="mini", detector="dino", role="student", height=64, width=96,
                      cfg=detector_config("dino", "tiny"))]
@@ -84,14 +84,14 @@ def deploy_specs(params: dict, quick: bool) -> list[dict]:
 # ---------------------------------------------------------------------------- child processes
 
 def _peak_growth_start():
-    from reproduce.bench import _proc_status_kib, _reset_peak_rss
+    from reproduce.bench.suite import _proc_status_kib, _reset_peak_rss
     gc.collect()
     rss = _proc_status_kib("VmRSS")
     return rss, _reset_peak_rss()
 
 
 def _peak_growth_mib(start) -> float | None:
-    from reproduce.bench import _proc_status_kib
+    from reproduce.bench.suite import _proc_status_kib
     rss, reset = start
     peak = _proc_status_kib("VmHWM")
     return (peak - rss) / 1024 if reset and rss is not None and peak is not None else None
@@ -110,8 +110,8 @@ def count_gflops(model, images, pad_mask) -> float:
 def time_child(spec: dict) -> dict:
     """Build (random weights), first-inference memory, FLOPs, export, then interleaved timing."""
     from models.build import build_detector
-    from reproduce import bench
-    from reproduce.export import export_onnx, max_differences, onnx_outputs, onnx_session
+    from reproduce.bench import suite as bench
+    from reproduce.deploy.export import export_onnx, max_differences, onnx_outputs, onnx_session
     bench.set_threads(spec["threads"])
     torch.manual_seed(0)
     images, pad_mask, _ = bench.image_batch(1, spec["height"], spec["width"], seed=3)
@@ -142,8 +142,8 @@ def time_child(spec: dict) -> dict:
 
 def ort_memory_child(spec: dict) -> dict:
     """A fresh process: load the ONNX file, run one batch-1 inference, peak memory growth."""
-    from reproduce import bench
-    from reproduce.export import onnx_outputs, onnx_session
+    from reproduce.bench import suite as bench
+    from reproduce.deploy.export import onnx_outputs, onnx_session
     bench.set_threads(spec["threads"])
     images, pad_mask, _ = bench.image_batch(1, spec["height"], spec["width"], seed=3)
     start = _peak_growth_start()
@@ -156,7 +156,7 @@ CHILDREN = {"time": time_child, "ort_memory": ort_memory_child}
 
 
 def run_child(kind: str, spec: dict) -> dict:
-    cmd = [sys.executable, "-m", "reproduce.deploy_bench", kind, json.dumps(spec)]
+    cmd = [sys.executable, "-m", "reproduce.bench.deploy_bench", kind, json.dumps(spec)]
     try:
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
@@ -172,8 +172,8 @@ def run_child(kind: str, spec: dict) -> dict:
 def stored_ap(results: Path, profile: str, detector: str, method: str, cfg: dict | None = None) -> dict | None:
     """Mean COCO AP (and KITTI mAP at Moderate when present) over the seeds of a stored run
     (``results/<profile>/<detector>/<method>-s*.json``, ablations excluded); ``mark``:
-    ``reproduce.tables.config_mark`` of the runs against ``cfg`` (params.yaml's model config)."""
-    from reproduce.tables import config_mark
+    ``reproduce.report.tables.config_mark`` of the runs against ``cfg`` (params.yaml's model config)."""
+    from reproduce.report.tables import config_mark
     runs = []
     for path in sorted((results / profile / detector).glob(f"{method}-s*.json")):
         try:
@@ -192,10 +192,10 @@ def stored_ap(results: Path, profile: str, detector: str, method: str, cfg: dict
 
 
 def bench_deploy(args, *_) -> dict:
-    from reproduce import bench
-    from reproduce.config import load_params
-    from reproduce.runconfig import model_config
-    from reproduce.tables import describe_model
+    from reproduce.bench import suite as bench
+    from reproduce.core.config import load_params
+    from reproduce.training.runconfig import model_config
+    from reproduce.report.tables import describe_model
     params = load_params(ROOT / "params.yaml")
     rows = []
     with tempfile.TemporaryDirectory(prefix="deploy_bench_") as tmp:
@@ -235,7 +235,7 @@ def _ms(r: dict | None) -> str:
 def _ap(entry: dict | None, size: str) -> str:
     if entry is None:
         return {"paper": "not trained here (GPU)", "tiny": "—"}.get(size, "no stored run")
-    from reproduce.tables import UNRECORDED
+    from reproduce.report.tables import UNRECORDED
     text = f"{entry['AP'] * 100:.1f}" + entry.get("mark", UNRECORDED)
     if entry.get("kitti_mAP_moderate") is not None:
         text += f" (KITTI {entry['kitti_mAP_moderate'] * 100:.1f})"
@@ -278,7 +278,7 @@ def deploy_table(result: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] not in CHILDREN:
-        print("usage: python -m reproduce.deploy_bench {time,ort_memory} SPEC_JSON (run by reproduce.bench)",
+        print("usage: python -m reproduce.bench.deploy_bench {time,ort_memory} SPEC_JSON (run by reproduce.bench)",
               file=sys.stderr)
         return 2
     result = CHILDREN[argv[0]](json.loads(argv[1]))

@@ -1,4 +1,4 @@
-"""A torch ``Dataset`` over the COCO-format JSON written by :mod:`reproduce.prepare`.
+"""A torch ``Dataset`` over the COCO-format JSON written by :mod:`reproduce.data.prepare`.
 
 One class serves KITTI, the synthetic set and COCO, because ``prepare`` already normalised them
 to the same format. Targets follow the DETR conventions the models and losses expect:
@@ -25,7 +25,7 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
-from reproduce.transforms import build_transforms, collate, sanitize_target
+from reproduce.data.transforms import build_transforms, collate, sanitize_target
 
 __all__ = ["DetectionDataset", "collate", "load_image"]
 

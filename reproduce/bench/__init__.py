@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks (``python -m reproduce.bench``, ``make bench``): the suite, deployment, paper scale."""

@@ -1,0 +1,1 @@
+"""Deployment: inference on images (predict) and ONNX export."""

@@ -1,0 +1,1 @@
+"""Reporting: Table 2 and the ablation table, the claim check, figures, executed notebooks."""
