@@ -99,7 +99,7 @@ def test_resolve_run_from_params_yaml():
     assert resolve_run(params, "dab_detr", "student", profile="mini")["train"]["steps"] == prof["train"]["steps"]
     assert "per_detector" not in teacher["train"]
     # method options: the profile's distill.<method> on top of the top-level one; -S lands there
-    assert kd["distill"] == {**params["distill"]["clockdistill"], **prof["distill"]["clockdistill"]}
+    assert kd["distill"] == {**params["distill"]["clockdistill"], **prof["distill"].get("clockdistill", {})}
     ablated = resolve_run(params, "dino", "student", method="clockdistill", profile="mini",
                           overrides=["distill.clockdistill.lcmd_weight=1", "distill.clockdistill.tcld=false"])
     assert ablated["distill"]["lcmd_weight"] == 1 and ablated["distill"]["tcld"] is False

@@ -39,7 +39,6 @@ ABLATIONS: dict[str, dict[str, str]] = {
     "tcld_only": {"lcmd": "false"},
     "no_location_mask": {"location_mask": "false"},
     "backbone_features": {"feature_source": "backbone"},
-    "paper_weights": {"lcmd_weight": "1"},   # the code default, before tuning on val (params.yaml)
 }
 
 
