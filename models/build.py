@@ -8,6 +8,8 @@ models/backbone.py; pass ``weights: none`` to train from scratch); ``mini`` size
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 from copy import deepcopy
 
 from torch import nn
@@ -111,8 +113,22 @@ def build_detector(cfg: dict, num_classes: int, load_weights: bool = True) -> nn
     for key in ("widths", "depths"):
         if key in backbone_cfg:
             backbone_cfg[key] = tuple(backbone_cfg[key])
+    check_options(DETECTORS[name], cfg, f"{name} option")
+    check_options(Backbone, backbone_cfg, "backbone option")
     backbone = Backbone(**backbone_cfg)
     return DETECTORS[name](backbone, num_classes=num_classes, **cfg)
+
+
+def check_options(cls: type, options: dict, what: str) -> None:
+    """A misspelt option must not build the default silently (``num_querys=5`` -> 300 queries):
+    raise ValueError naming it, the closest valid name and every valid one."""
+    valid = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "backbone", "num_classes")]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        hints = [f"{u!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, valid, 1)) else "")
+                 for u in unknown]
+        raise ValueError(f"unknown {what}{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
+                         f"valid: {', '.join(sorted(valid))}")
 
 
 def build_criterion(detector: str, num_classes: int, weights: dict | None = None, **matcher_costs) -> SetCriterion:

@@ -96,8 +96,7 @@ class DABDETR(DETRBase):
                  box_noise_scale: float = 0.4, anchor_init_wh: float | None = None,
                  anchor_pos_temperature: float = 10000.0, positional_attention_init: str = "xavier",
                  activation: str = "prelu", freeze_anchor_xy: bool = True, input_proj_norm: bool = False,
-                 anchor_update_normed: bool = False, pos_offset: float = 0.0, input_proj_init: str = "default",
-                 **unused):
+                 anchor_update_normed: bool = False, pos_offset: float = 0.0, input_proj_init: str = "default"):
         # DAB-DETR's feature-map sine embedding (PositionEmbeddingSineHW) uses temperature 20 (not
         # DETR's 10000) and no -0.5 cell offset; its anchor embedding uses 10000
         # (anchor_pos_temperature). Its single level has a plain 1x1 projection with PyTorch's

@@ -36,8 +36,7 @@ class DeformableDETR(DETRBase):
                  enc_layers: int = 6, dec_layers: int = 6, dim_feedforward: int = 1024, dropout: float = 0.1,
                  num_queries: int = 300, num_feature_levels: int = 4, enc_points: int = 4, dec_points: int = 4,
                  with_box_refine: bool = True, two_stage: bool = True, denoising: bool = False,
-                 num_dn_queries: int = 100, label_noise_ratio: float = 0.5, box_noise_scale: float = 0.4,
-                 **unused):
+                 num_dn_queries: int = 100, label_noise_ratio: float = 0.5, box_noise_scale: float = 0.4):
         super().__init__(backbone, d_model, num_feature_levels, num_classes)
         self.num_queries, self.two_stage = num_queries, two_stage
         self.encoder = DeformableEncoder(d_model, n_heads, dim_feedforward, dropout, enc_layers,

@@ -34,7 +34,7 @@ class DINO(DETRBase):
                  num_queries: int = 900, num_feature_levels: int = 4, enc_points: int = 4, dec_points: int = 4,
                  denoising: bool = True, num_dn_queries: int = 100, label_noise_ratio: float = 0.5,
                  box_noise_scale: float = 0.4, dn_groups: str = "dino", pos_temperature: float = 20.0,
-                 pos_offset: float = 0.0, **unused):
+                 pos_offset: float = 0.0):
         """``dn_groups``: ``dino`` (DINO's rule) or ``dynamic`` (always divide by the largest GT
         count; for small ``num_dn_queries``: see models/query_groups.py)."""
         super().__init__(backbone, d_model, num_feature_levels, num_classes, pos_temperature=pos_temperature,

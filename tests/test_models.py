@@ -204,3 +204,13 @@ def test_dab_detr_random_refpoints_xy_stay_fixed_under_adamw():
     assert not legacy_options & (set(detector_config("dab_detr", "paper")) | set(cfg))
     mini = build_detector(detector_config("dab_detr", "mini"), num_classes=3)
     assert "refpoint_embed.xy" in dict(mini.named_parameters()) and mini.encoder.layers[0].ffn.activation is None
+
+
+@pytest.mark.parametrize("name", ["dab_detr", "deformable_detr", "dino"])
+def test_a_misspelt_option_is_an_error_naming_the_valid_ones(name):
+    """Detector constructors take no **unused: `num_querys=5` must not build 12 queries silently."""
+    from models.build import build_detector, detector_config
+    with pytest.raises(ValueError, match=r"'num_querys' \(did you mean 'num_queries'\?\); valid: .*num_queries"):
+        build_detector(detector_config(name, "tiny", num_querys=5), 3)
+    with pytest.raises(ValueError, match="unknown backbone option 'widht'"):
+        build_detector(detector_config(name, "tiny", backbone={"widht": 3}), 3)
