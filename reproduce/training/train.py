@@ -26,6 +26,7 @@ the end), ``model.pth`` (student weights, EMA when enabled), ``train_log.csv`` (
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -342,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", type=Path, help="teacher model.pth / checkpoint.pth (KD methods)")
     p.add_argument("--allow-unfinished-teacher", action="store_true",
                    help="accept a teacher whose run stopped before the end of its schedule")
-    p.add_argument("--out", type=Path, required=True, help="run directory, e.g. runs/mini/dino/student")
+    p.add_argument("--out", type=Path, help="run directory, e.g. runs/mini/dino/student (required to train)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved run config (what config.json will hold) and exit; trains nothing")
     p.add_argument("--init-from", type=Path, metavar="CKPT",
                    help="fine-tune: start from this model.pth / checkpoint.pth (same detector and config; "
                         "another class count re-initialises the class heads)")
@@ -370,6 +373,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         cfg = resolve_run(params, args.detector, args.role, args.method, overrides=overrides, profile=args.profile,
                           world_size=world)
+        if args.print_config:
+            print(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+            return 0
+        if args.out is None:
+            raise ConfigError("--out is required (the run directory)")
         if args.method != "student" and args.teacher is None:
             raise ConfigError(f"method {args.method!r} needs --teacher")
         if args.method == "student" and args.teacher is not None:
