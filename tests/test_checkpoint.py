@@ -233,7 +233,8 @@ def test_preemption_signal_checkpoints_and_resumes_bitwise(tmp_path, monkeypatch
                 "--device", "cpu", "--no-progress"]
 
     assert train_cli.main(args(tmp_path / "full")) == 0
-    real_step, calls = train_cli.train_step, []
+    from reproduce.training import trainer as trainer_module
+    real_step, calls = trainer_module.train_step, []
 
     def step_then_signal(*a, **k):
         out = real_step(*a, **k)
@@ -242,14 +243,14 @@ def test_preemption_signal_checkpoints_and_resumes_bitwise(tmp_path, monkeypatch
             os.kill(os.getpid(), getattr(signal, signal_name))
         return out
 
-    monkeypatch.setattr(train_cli, "train_step", step_then_signal)
+    monkeypatch.setattr(trainer_module, "train_step", step_then_signal)
     before = signal.getsignal(getattr(signal, signal_name))
     part = tmp_path / "part"
     assert train_cli.main(args(part)) == PREEMPTED_EXIT_CODE
     assert f"stopped by {signal_name} at step 3" in capsys.readouterr().err
     assert ckpt_io.load(part / "checkpoint.pth")["step"] == 3
     assert signal.getsignal(getattr(signal, signal_name)) == before     # the caller's handler is back
-    monkeypatch.setattr(train_cli, "train_step", real_step)
+    monkeypatch.setattr(trainer_module, "train_step", real_step)
     assert train_cli.main(args(part)) == 0
     a, b = ckpt_io.load(tmp_path / "full" / "model.pth"), ckpt_io.load(part / "model.pth")
     assert a["meta"]["steps"] == b["meta"]["steps"] == 6
