@@ -12,6 +12,7 @@ import torch
 
 from reproduce.training.checkpoint import load_detector
 from reproduce.convert.cli import main
+from tests.hf_reference import padded_batch, randomise
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,26 +44,6 @@ def _deformable_detr():
 HF_MODELS = {"dab_detr": _dab_detr, "deformable_detr": _deformable_detr}
 
 
-@torch.no_grad()
-def randomise(model: torch.nn.Module) -> None:
-    """Every float tensor drawn afresh at a fan-in scale (no mapping error hides behind a zero
-    or one initial value; activations stay O(1) through the 18 layers)."""
-    gen = torch.Generator().manual_seed(1)
-    for name, t in model.state_dict(keep_vars=True).items():
-        if not t.is_floating_point():
-            continue
-        if name.endswith("running_var"):
-            t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
-        elif t.dim() >= 2:
-            t.copy_(torch.randn(t.shape, generator=gen) / t[0].numel() ** 0.5)
-        elif name.endswith("activation_fn.weight"):
-            t.copy_(torch.rand(t.shape, generator=gen) * 0.5)
-        elif name.endswith("weight"):
-            t.copy_(1.0 + 0.3 * torch.randn(t.shape, generator=gen))
-        else:
-            t.copy_(0.3 * torch.randn(t.shape, generator=gen))
-
-
 def _converter_or_skip(detector: str):
     try:
         importlib.import_module(f"reproduce.convert.{detector}")
@@ -76,20 +57,10 @@ def hf_saved(request, tmp_path_factory):
     _converter_or_skip(request.param)
     torch.manual_seed(0)
     model = HF_MODELS[request.param]().eval()
-    randomise(model)
+    randomise(model, bias_scale=0.3)
     folder = tmp_path_factory.mktemp(request.param) / "hf"
     model.save_pretrained(folder)
     return request.param, model, folder
-
-
-def _padded_batch():
-    gen = torch.Generator().manual_seed(2)
-    images = torch.zeros(2, 3, 128, 160)
-    pixel_mask = torch.zeros(2, 128, 160, dtype=torch.long)
-    for i, (h, w) in enumerate([(128, 160), (96, 128)]):
-        images[i, :, :h, :w] = torch.randn(3, h, w, generator=gen)
-        pixel_mask[i, :h, :w] = 1
-    return images, pixel_mask
 
 
 def test_converted_checkpoint_computes_hf_outputs(hf_saved, tmp_path, capsys):
@@ -102,7 +73,7 @@ def test_converted_checkpoint_computes_hf_outputs(hf_saved, tmp_path, capsys):
     assert meta["hf_config"]["model_type"].replace("-", "_") == detector and meta["num_classes"] == NUM_CLASSES
     assert meta["model_cfg"]["backbone"] == {**meta["model_cfg"]["backbone"], "name": "resnet18",
                                              "weights": "imagenet"}
-    images, pixel_mask = _padded_batch()
+    images, pixel_mask = padded_batch([(128, 160), (96, 128)])
     model.eval()
     with torch.no_grad():
         expected = hf(pixel_values=images, pixel_mask=pixel_mask)

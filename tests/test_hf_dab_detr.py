@@ -15,6 +15,7 @@ import transformers   # a requirement (requirements.in): the reference runs in t
 
 from models.build import build_detector
 from reproduce.convert import dab_detr as convert
+from tests.hf_reference import padded_batch, randomise
 
 TOL = 1e-4
 NUM_CLASSES = 5
@@ -32,37 +33,6 @@ def hf_model(**overrides):
     return model
 
 
-@torch.no_grad()
-def randomise(model: torch.nn.Module) -> None:
-    """Every float tensor of the state drawn afresh (tied tensors once, as they are one)."""
-    gen = torch.Generator().manual_seed(1)
-    for name, t in model.state_dict(keep_vars=True).items():
-        if not t.is_floating_point():
-            continue
-        if name.endswith("running_var"):
-            new = torch.rand(t.shape, generator=gen) + 0.5
-        elif t.dim() >= 2 and "refpoint" not in name:
-            fan_in = t[0].numel()
-            new = torch.randn(t.shape, generator=gen) / fan_in ** 0.5
-        elif name.endswith("activation_fn.weight"):          # PReLU slope
-            new = torch.rand(t.shape, generator=gen) * 0.5
-        elif name.endswith("weight") and "refpoint" not in name:   # norm scales
-            new = 1.0 + 0.3 * torch.randn(t.shape, generator=gen)
-        else:                                                 # biases, BN means, anchors
-            new = 0.5 * torch.randn(t.shape, generator=gen)
-        t.copy_(new)
-
-
-def padded_batch():
-    gen = torch.Generator().manual_seed(2)
-    images = torch.zeros(2, 3, 160, 192)
-    pixel_mask = torch.zeros(2, 160, 192, dtype=torch.long)
-    for i, (h, w) in enumerate([(160, 192), (112, 128)]):
-        images[i, :, :h, :w] = torch.randn(3, h, w, generator=gen)
-        pixel_mask[i, :h, :w] = 1
-    return images, pixel_mask
-
-
 def ours_from(hf) -> torch.nn.Module:
     hf_config = hf.config.to_dict()
     model = build_detector(convert.model_config(hf_config), NUM_CLASSES, load_weights=False)
@@ -71,7 +41,7 @@ def ours_from(hf) -> torch.nn.Module:
 
 
 def max_diffs(hf, ours) -> dict[str, float]:
-    images, pixel_mask = padded_batch()
+    images, pixel_mask = padded_batch([(160, 192), (112, 128)])
     with torch.no_grad():
         hf_out = hf(pixel_values=images, pixel_mask=pixel_mask, output_hidden_states=True)
         hf_inner = hf.model(pixel_values=images, pixel_mask=pixel_mask)

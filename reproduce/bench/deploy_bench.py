@@ -28,7 +28,6 @@ from __future__ import annotations
 import gc
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -156,15 +155,9 @@ CHILDREN = {"time": time_child, "ort_memory": ort_memory_child}
 
 
 def run_child(kind: str, spec: dict) -> dict:
-    cmd = [sys.executable, "-m", "reproduce.bench.deploy_bench", kind, json.dumps(spec)]
-    try:
-        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {CHILD_TIMEOUT_S} s"}
-    for line in reversed(res.stdout.splitlines()):
-        if line.startswith("DEPLOY_CHILD_RESULT "):
-            return json.loads(line[len("DEPLOY_CHILD_RESULT "):])
-    return {"error": f"exit {res.returncode}: {res.stderr.strip()[-1500:]}"}
+    from reproduce.bench.suite import run_json_child
+    return run_json_child(["reproduce.bench.deploy_bench", kind, json.dumps(spec)], "DEPLOY_CHILD_RESULT",
+                          CHILD_TIMEOUT_S)
 
 
 # ---------------------------------------------------------------------------- AP of the same configs

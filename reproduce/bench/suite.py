@@ -650,16 +650,22 @@ def model_child(spec: dict) -> dict:
             "config": cfg}
 
 
-def run_child(spec: dict, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "reproduce.bench", "--child", json.dumps(spec)]
+def run_json_child(argv: list[str], marker: str, timeout: float) -> dict:
+    """Run ``python -m <argv>`` in a fresh process (its own peak memory, no shared caches) and
+    return the JSON it prints after ``marker``, or ``{"error": ...}`` saying why there is none."""
+    cmd = [sys.executable, "-m", *argv]
     try:
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     for line in reversed(res.stdout.splitlines()):
-        if line.startswith("BENCH_CHILD_RESULT "):
-            return json.loads(line[len("BENCH_CHILD_RESULT "):])
+        if line.startswith(marker + " "):
+            return json.loads(line[len(marker) + 1:])
     return {"error": f"exit {res.returncode}: {res.stderr.strip()[-2000:]}"}
+
+
+def run_child(spec: dict, timeout: float) -> dict:
+    return run_json_child(["reproduce.bench", "--child", json.dumps(spec)], "BENCH_CHILD_RESULT", timeout)
 
 
 def bench_models(args, *_):

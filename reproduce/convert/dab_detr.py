@@ -16,15 +16,12 @@ import re
 
 import torch
 
-from .resnet import HF_DETR_BACKBONE_PREFIX, ConvertError, check_hf_resnet_config, resnet_from_hf, resnet_from_timm
+from .resnet import (PLAIN_TIMM_RESNETS, TIMM_PREFIXES, ConvertError, backbone_state, check_hf_resnet_config,
+                     expected_state)
 
-# timm backbones sit one module deeper (transformers TimmBackbone keeps the net as ``_backbone``)
-TIMM_PREFIXES = (HF_DETR_BACKBONE_PREFIX + "_backbone.", HF_DETR_BACKBONE_PREFIX)
-OUR_BACKBONE_PREFIX = "backbone.body."
 # ``bbox_predictor`` and ``model.decoder.bbox_embed`` are one tied module in HF (the shared box
 # head, used for the anchor updates and the reported boxes): both copies are read, checked equal
 TIED_BOX_HEAD = ("bbox_predictor.", "model.decoder.bbox_embed.")
-PLAIN_TIMM_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 # HF option -> the value our model implements (anything else is refused)
 FIXED_OPTIONS = {"query_dim": 4, "keep_query_pos": False, "num_patterns": 0, "normalize_before": False,
@@ -117,39 +114,12 @@ def model_config(hf_config: dict) -> dict:
         random_refpoints_xy=bool(hf_config.get("random_refpoints_xy", False)))
 
 
-def _backbone_state(hf_state: dict, hf_config: dict) -> tuple[dict, set]:
-    """Our backbone keys and the HF keys they consumed."""
-    if hf_config.get("use_timm_backbone", True):
-        prefix = next((p for p in TIMM_PREFIXES if any(k.startswith(p) for k in hf_state)), TIMM_PREFIXES[0])
-        mapped = resnet_from_timm(hf_state, prefix)
-    else:
-        prefix = HF_DETR_BACKBONE_PREFIX
-        mapped = resnet_from_hf(hf_state, prefix)
-    consumed = {k for k in hf_state if k.startswith(prefix)}
-    out = {OUR_BACKBONE_PREFIX + k: v for k, v in mapped.items()}
-    # torchvision's ResNet carries an ImageNet classifier our backbone never runs (it stops at the
-    # last level read); HF has none, so it is filled with zeros to keep our state complete
-    from models.backbone import Backbone
-
-    width = Backbone.RESNETS[_backbone(hf_config)["name"]]
-    out[OUR_BACKBONE_PREFIX + "fc.weight"] = torch.zeros(1000, width)
-    out[OUR_BACKBONE_PREFIX + "fc.bias"] = torch.zeros(1000)
-    return out, consumed
-
-
-def _expected_keys(hf_config: dict, num_classes: int) -> dict:
-    """Our model's state (shapes), built on the meta device so nothing is initialised."""
-    from models.build import build_detector
-
-    with torch.device("meta"):
-        return build_detector(model_config(hf_config), num_classes, load_weights=False).state_dict()
-
-
 def state_dict(hf_state: dict[str, torch.Tensor], hf_config: dict) -> dict[str, torch.Tensor]:
     """Our DABDETR state dict from HF's ``DabDetrForObjectDetection.state_dict()``."""
     hf_config = dict(hf_config)
     model_config(hf_config)                  # refuse unsupported options before mapping anything
-    out, consumed = _backbone_state(hf_state, hf_config)
+    out, consumed = backbone_state(hf_state, hf_config.get("use_timm_backbone", True),
+                                   _backbone(hf_config)["name"], TIMM_PREFIXES[0])
     num_layers = int(hf_config.get("decoder_layers", 6))
 
     def take(hf_key: str, ours: str) -> None:
@@ -196,7 +166,7 @@ def state_dict(hf_state: dict[str, torch.Tensor], hf_config: dict) -> dict[str, 
     if left:
         raise ConvertError(f"{len(left)} HF DAB-DETR keys have no place in our model (first: {left[:3]})")
     num_classes = hf_state["class_embed.weight"].shape[0] if "class_embed.weight" in hf_state else 1
-    expected = _expected_keys(hf_config, num_classes)
+    expected = expected_state(model_config(hf_config), num_classes)
     missing = sorted(set(expected) - set(out))
     extra = sorted(set(out) - set(expected))
     shapes = sorted(k for k in set(expected) & set(out) if tuple(expected[k].shape) != tuple(out[k].shape))

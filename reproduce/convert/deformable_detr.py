@@ -26,13 +26,9 @@ import re
 import torch
 from torch import nn
 
-from .resnet import HF_DETR_BACKBONE_PREFIX, ConvertError, check_hf_resnet_config, resnet_from_hf, resnet_from_timm
+from .resnet import (PLAIN_TIMM_RESNETS, TIMM_PREFIXES, ConvertError, backbone_state, check_hf_resnet_config,
+                     expected_state)
 
-OUR_BACKBONE_PREFIX = "backbone.body."
-PLAIN_TIMM_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
-# timm features_only nets sit right under the conv encoder (DeformableDetrConvEncoder.model);
-# transformers' TimmBackbone wrapper one module deeper
-TIMM_PREFIXES = (HF_DETR_BACKBONE_PREFIX + "_backbone.", HF_DETR_BACKBONE_PREFIX)
 # HF option -> the only value our model implements
 FIXED_OPTIONS = {"activation_function": "relu", "position_embedding_type": "sine", "dilation": False,
                  "num_channels": 3}
@@ -136,24 +132,6 @@ def model_config(hf_config: dict) -> dict:
         dropout=float(hf_config.get("dropout", 0.1)), with_box_refine=refine, two_stage=two_stage)
 
 
-def _backbone_state(hf_state: dict, hf_config: dict) -> tuple[dict, set]:
-    """Our backbone keys and the HF keys they consumed."""
-    if hf_config.get("use_timm_backbone", True):
-        prefix = next((p for p in TIMM_PREFIXES if any(k.startswith(p) for k in hf_state)), TIMM_PREFIXES[-1])
-        mapped = resnet_from_timm(hf_state, prefix)
-    else:
-        prefix = HF_DETR_BACKBONE_PREFIX
-        mapped = resnet_from_hf(hf_state, prefix)
-    consumed = {k for k in hf_state if k.startswith(prefix)}
-    out = {OUR_BACKBONE_PREFIX + k: v for k, v in mapped.items()}
-    from models.backbone import Backbone
-
-    width = Backbone.RESNETS[_backbone(hf_config)["name"]]
-    out[OUR_BACKBONE_PREFIX + "fc.weight"] = torch.zeros(1000, width)     # never run (module docstring)
-    out[OUR_BACKBONE_PREFIX + "fc.bias"] = torch.zeros(1000)
-    return out, consumed
-
-
 def _one_stage_pos_trans(d_model: int) -> dict:
     """Our initialisation of pos_trans / pos_trans_norm (xavier weight, as models/deformable_detr.py),
     from EXTRA_SEED: used only by injected query groups."""
@@ -165,20 +143,13 @@ def _one_stage_pos_trans(d_model: int) -> dict:
             **{f"pos_trans_norm.{k}": v.detach() for k, v in norm.state_dict().items()}}
 
 
-def _expected_keys(cfg: dict, classes: int) -> dict:
-    """Our model's state (shapes), built on the meta device so nothing is initialised."""
-    from models.build import build_detector
-
-    with torch.device("meta"):
-        return build_detector(cfg, classes, load_weights=False).state_dict()
-
-
 def state_dict(hf_state: dict[str, torch.Tensor], hf_config: dict) -> dict[str, torch.Tensor]:
     """Our DeformableDETR state dict from HF's ``DeformableDetrForObjectDetection.state_dict()``."""
     hf_config = dict(hf_config)
     cfg = model_config(hf_config)               # refuse unsupported options before mapping anything
     layers, two_stage = cfg["dec_layers"], cfg["two_stage"]
-    out, consumed = _backbone_state(hf_state, hf_config)
+    out, consumed = backbone_state(hf_state, hf_config.get("use_timm_backbone", True),
+                                   _backbone(hf_config)["name"], TIMM_PREFIXES[-1])
 
     for key, value in hf_state.items():
         if key in consumed:
@@ -236,7 +207,7 @@ def state_dict(hf_state: dict[str, torch.Tensor], hf_config: dict) -> dict[str, 
         raise ConvertError(f"{len(left)} HF Deformable DETR keys have no place in our model (first: {left[:3]})")
     classes = out["decoder.class_heads.0.weight"].shape[0] if "decoder.class_heads.0.weight" in out \
         else num_classes(hf_config)
-    expected = _expected_keys(cfg, classes)
+    expected = expected_state(cfg, classes)
     missing = sorted(set(expected) - set(out))
     extra = sorted(set(out) - set(expected))
     if missing or extra:

@@ -35,6 +35,12 @@ class ConvertError(ValueError):
 
 
 HF_DETR_BACKBONE_PREFIX = "model.backbone.conv_encoder.model."
+#: where a timm ResNet sits: one level deeper in DAB-DETR (TimmBackbone), directly in Deformable DETR
+TIMM_PREFIXES = (HF_DETR_BACKBONE_PREFIX + "_backbone.", HF_DETR_BACKBONE_PREFIX)
+#: timm ResNets whose keys are torchvision's (plain stem and shortcuts)
+PLAIN_TIMM_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+#: our Backbone's torchvision ResNet (models/backbone.py)
+OUR_BACKBONE_PREFIX = "backbone.body."
 _BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
 # torchvision ResNet names per (block type, depths) of the HF / timm configs
 TORCHVISION_DEPTHS = {("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resnet34",
@@ -132,3 +138,32 @@ def check_hf_resnet_config(backbone_config: dict) -> str:
     if wrong:
         raise ConvertError(f"HF ResNet options {wrong} differ from torchvision's {name}; cannot convert")
     return name
+
+
+def backbone_state(hf_state: dict, use_timm: bool, name: str, timm_prefix: str) -> tuple[dict, set]:
+    """Our backbone's keys from an HF detector's state, and the HF keys they consumed.
+    ``timm_prefix``: where the timm ResNet sits when no key says otherwise."""
+    if use_timm:
+        prefix = next((p for p in TIMM_PREFIXES if any(k.startswith(p) for k in hf_state)), timm_prefix)
+        mapped = resnet_from_timm(hf_state, prefix)
+    else:
+        prefix = HF_DETR_BACKBONE_PREFIX
+        mapped = resnet_from_hf(hf_state, prefix)
+    consumed = {k for k in hf_state if k.startswith(prefix)}
+    out = {OUR_BACKBONE_PREFIX + k: v for k, v in mapped.items()}
+    # torchvision's ResNet carries an ImageNet classifier our backbone never runs (it stops at the
+    # last level read); HF has none, so it is filled with zeros to keep our state complete
+    from models.backbone import Backbone
+
+    width = Backbone.RESNETS[name]
+    out[OUR_BACKBONE_PREFIX + "fc.weight"] = torch.zeros(1000, width)
+    out[OUR_BACKBONE_PREFIX + "fc.bias"] = torch.zeros(1000)
+    return out, consumed
+
+
+def expected_state(cfg: dict, num_classes: int) -> dict:
+    """Our model's state (shapes), built on the meta device so nothing is initialised."""
+    from models.build import build_detector
+
+    with torch.device("meta"):
+        return build_detector(cfg, num_classes, load_weights=False).state_dict()
