@@ -1,5 +1,5 @@
 """Knowledge distillation for DETRs: CLoCKDistill and the baseline methods behind one interface."""
-from .base import Distiller, freeze
+from .base import Distiller, NotCacheable, freeze
 from .clockdistill import CLoCKDistill
 from .detrdistill import DETRDistill
 from .fgd import FGD
@@ -26,5 +26,5 @@ def build_distiller(method: str, student, criterion, teacher=None, cfg: dict | N
     return METHODS[method](student, criterion, teacher=teacher, cfg=cfg)
 
 
-__all__ = ["METHODS", "CLoCKDistill", "DETRDistill", "Distiller", "FGD", "FitNet", "KDDETR", "MGD",
+__all__ = ["METHODS", "CLoCKDistill", "DETRDistill", "Distiller", "FGD", "FitNet", "KDDETR", "MGD", "NotCacheable",
            "build_distiller", "freeze"]

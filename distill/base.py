@@ -17,6 +17,10 @@ from models.outputs import DetectorOutput, QueryGroup
 from .options import resolve_options
 
 
+class NotCacheable(Exception):
+    """The method's teacher inputs are not a function of the batch (e.g. redrawn every step)."""
+
+
 def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     for p in model.parameters():
@@ -46,6 +50,7 @@ class Distiller(nn.Module):
         if self.needs_teacher and teacher is None:
             raise ValueError(f"method {self.name!r} needs a teacher checkpoint (--teacher)")
         object.__setattr__(self, "teacher", freeze(teacher) if teacher is not None else None)
+        object.__setattr__(self, "teacher_cache", None)
 
     # -- the frozen teacher ------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -64,8 +69,27 @@ class Distiller(nn.Module):
     @torch.no_grad()
     def teacher_forward(self, images: Tensor, pad_mask: Tensor, groups: list[QueryGroup] | None = None,
                         **kwargs) -> DetectorOutput:
+        """The frozen teacher's output: from ``teacher_cache`` where it holds these exact inputs
+        (distill/teacher_cache.py), else computed live (and stored, if the cache records)."""
+        cache = self.teacher_cache
+        if cache is not None and not kwargs and not cache.record:
+            cached = cache.lookup(images, pad_mask, groups)
+            if cached is not None:
+                return cached
         self.teacher.eval()
-        return self.teacher(images, pad_mask, groups=groups, **kwargs)
+        out = self.teacher(images, pad_mask, groups=groups, **kwargs)
+        if cache is not None and cache.record and not kwargs:
+            cache.store(images, pad_mask, groups, out)
+        return out
+
+    def use_teacher_cache(self, cache) -> None:
+        """Read (or, for the builder, record) teacher outputs through a TeacherCache."""
+        object.__setattr__(self, "teacher_cache", cache)
+
+    def teacher_groups(self, images: Tensor, targets: list[dict]) -> list[QueryGroup] | None:
+        """The query groups this method feeds the teacher for a batch: what the cache builder
+        replays. Methods whose teacher inputs change from step to step raise NotCacheable."""
+        return None
 
     # -- training step -----------------------------------------------------------------------
     def extra_groups(self, targets: list[dict], images: Tensor) -> list[QueryGroup]:

@@ -102,6 +102,10 @@ class CLoCKDistill(Distiller):
                                             c["content_source"], c["seed"])
         self.weights = {"loss_lcmd": c["lcmd_weight"], "loss_tcld": c["tcld_weight"]}
 
+    def teacher_groups(self, images: Tensor, targets: list[dict]):
+        plan = self.queries.plan(targets, images.device) if self.cfg["tcld"] else None
+        return [self.queries.group_for(self.teacher, plan)] if plan is not None else None
+
     def forward(self, images: Tensor, pad_mask: Tensor, targets: list[dict]) -> dict[str, Tensor]:
         c = self.cfg
         plan = self.queries.plan(targets, images.device) if c["tcld"] else None

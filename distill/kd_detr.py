@@ -45,7 +45,7 @@ from torch import Tensor
 
 from models.outputs import DetectorOutput, QueryGroup
 
-from .base import Distiller
+from .base import Distiller, NotCacheable
 from .features import model_width
 from .layers import LAYER_MODES, layer_pairs
 from .logit_losses import binary_kl, box_losses
@@ -142,6 +142,12 @@ class KDDETR(Distiller):
             content = self.table_rows(int(self.cfg["num_general"]), n, self.d_student, anchors.shape[0],
                                       anchors.dtype)
         return QueryGroup(name=self.SPECIFIC, content=content, boxes=anchors, see_detection_queries=False)
+
+    def teacher_groups(self, images, targets):
+        if self.cfg["resample"] and int(self.cfg["num_general"]):
+            raise NotCacheable("kd_detr redraws its general points every step (resample: true): live teacher")
+        general = self.general_groups(images)
+        return [general[0]] if general else None
 
     # -- training step --------------------------------------------------------------------------
     def forward(self, images, pad_mask, targets):

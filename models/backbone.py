@@ -150,6 +150,27 @@ class FrozenBatchNorm2d(nn.Module):
         return torch.addcmul(bias[None, :, None, None], x, scale[None, :, None, None])
 
 
+def group_norm_for_batch_norm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d in ``module`` by a GroupNorm over the same channels.
+
+    A slim net trained from scratch has no ImageNet statistics to freeze: FrozenBatchNorm2d at
+    its initial state (mean 0, var 1, weight 1, bias 0) is the identity, i.e. no normalisation at
+    all. GroupNorm normalises without batch statistics, so train and eval (the frozen teacher)
+    compute the same function and the batch of 8 does not matter (grade D: our CPU choice).
+    """
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            channels = child.num_features
+            groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
+            setattr(module, name, nn.GroupNorm(groups, channels, eps=child.eps))
+        else:
+            group_norm_for_batch_norm(child)
+    return module
+
+
+NORMS = ("frozen_bn", "group_norm")
+
+
 def freeze_batch_norm(module: nn.Module) -> nn.Module:
     """Replace every BatchNorm2d in ``module`` by a FrozenBatchNorm2d with the same state."""
     for name, child in module.named_children():
@@ -169,7 +190,8 @@ class SlimResNet(nn.Module):
     """A BasicBlock ResNet with configurable widths/depths, for CPU-sized models.
 
     The stem is two stride-2 3x3 convolutions (stride 4, like ResNet's conv+maxpool);
-    stage i has stride 2**(i+2). Uses GroupNorm-free BatchNorm so it can be frozen or trained.
+    stage i has stride 2**(i+2). Built with BatchNorm2d, which the Backbone then freezes or
+    replaces by GroupNorm (``norm``).
     """
 
     def __init__(self, widths=(16, 32, 64, 128), depths=(1, 1, 1, 1), stem: int = 16):
@@ -208,7 +230,7 @@ class Backbone(nn.Module):
         levels: tuple[int, ...] = (3, 4, 5),
         weights: str | None = None,
         train_backbone: bool = True,
-        frozen_bn: bool = True,
+        norm: str = "frozen_bn",
         widths: tuple[int, ...] = (16, 32, 64, 128),
         depths: tuple[int, ...] = (1, 1, 1, 1),
         stem: int = 16,
@@ -217,8 +239,12 @@ class Backbone(nn.Module):
     ):
         """``weights``: ``imagenet`` | a state-dict file | ``none`` (module docstring); required
         for ResNets. ``load_weights=False`` checks the choice but skips loading (for callers that
-        load a whole trained model over it); the initialisation is the same either way."""
+        load a whole trained model over it); the initialisation is the same either way.
+        ``norm``: ``frozen_bn`` (DETR's FrozenBatchNorm2d, for pretrained weights) or
+        ``group_norm`` (slim nets from scratch; :func:`group_norm_for_batch_norm`)."""
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"backbone norm must be one of {NORMS}, got {norm!r}")
         if name not in self.RESNETS and name != "slim":
             raise ValueError(f"unknown backbone {name!r}; choose from {sorted(self.RESNETS) + ['slim']}")
         weights = weights_choice(name, weights, weights_path)
@@ -241,7 +267,12 @@ class Backbone(nn.Module):
             # BatchNorm statistics now hold the file's; freeze_batch_norm copies them into the
             # FrozenBatchNorm2d buffers
         self.weights_source = weights   # imagenet | none | the file loaded
-        if frozen_bn:
+        if norm == "group_norm":
+            if state is not None:
+                raise ValueError("backbone norm group_norm discards the weights' BatchNorm statistics; "
+                                 "use norm: frozen_bn with pretrained weights")
+            group_norm_for_batch_norm(body)
+        else:
             freeze_batch_norm(body)
         if any(l not in (2, 3, 4, 5) for l in levels):
             raise ValueError(f"backbone levels must be in 2..5, got {levels}")

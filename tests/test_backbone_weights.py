@@ -155,3 +155,30 @@ def test_profiles_choose_weights():
     for size in ("mini", "tiny"):
         for detector in ("dab_detr", "deformable_detr", "dino"):
             assert "weights" not in detector_config(detector, size)["backbone"]
+
+
+def test_group_norm_normalises_a_slim_net_from_scratch(tmp_path, resnet18_state, torch_home):
+    """``norm: group_norm`` replaces every BatchNorm by a GroupNorm (no FrozenBatchNorm2d is
+    left, whose initial state would be the identity); it is refused with pretrained weights,
+    and an unknown norm is a one-line error."""
+    torch.manual_seed(0)
+    frozen = Backbone("slim", weights="none", widths=(16, 24, 40, 64), stem=16)
+    torch.manual_seed(0)
+    grouped = Backbone("slim", weights="none", norm="group_norm", widths=(16, 24, 40, 64), stem=16)
+    modules = list(grouped.modules())
+    assert not any(isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)) for m in modules)
+    norms = [m for m in modules if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_channels % m.num_groups == 0 for m in norms)
+    assert {m.num_groups for m in norms} == {8}          # 8 divides every width here; 24 -> 8, 40 -> 8
+    images = torch.randn(2, 3, 64, 96) * 5 + 3
+    pad = torch.zeros(2, 64, 96, dtype=torch.bool)
+    # FrozenBN at init passes the scale through; GroupNorm output is normalised per group
+    f_out, g_out = frozen(images, pad)[-1][0], grouped(images, pad)[-1][0]
+    assert not torch.allclose(f_out, g_out)
+    path = tmp_path / "r18.pth"
+    torch.save(resnet18_state, path)
+    with pytest.raises(ValueError, match="group_norm discards"):
+        Backbone("resnet18", weights=str(path), norm="group_norm")
+    Backbone("resnet18", weights="none", norm="group_norm")     # from scratch: fine
+    with pytest.raises(ValueError, match="backbone norm must be one of"):
+        Backbone("slim", weights="none", norm="batch_norm")

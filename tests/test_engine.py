@@ -98,8 +98,10 @@ def test_resolve_run_from_params_yaml():
     assert dab_teacher["train"]["steps"] == prof["train"]["per_detector"]["dab_detr"]["teacher_steps"]
     assert resolve_run(params, "dab_detr", "student", profile="mini")["train"]["steps"] == prof["train"]["steps"]
     assert "per_detector" not in teacher["train"]
-    # method options: the profile's distill.<method> on top of the top-level one; -S lands there
-    assert kd["distill"] == {**params["distill"]["clockdistill"], **prof["distill"].get("clockdistill", {})}
+    # method options: code defaults, then the top-level distill.<method>, then the profile's; -S lands there
+    from distill import METHODS
+    assert kd["distill"] == {**METHODS["clockdistill"].DEFAULTS, **params["distill"]["clockdistill"],
+                             **prof["distill"].get("clockdistill", {})}
     ablated = resolve_run(params, "dino", "student", method="clockdistill", profile="mini",
                           overrides=["distill.clockdistill.lcmd_weight=1", "distill.clockdistill.tcld=false"])
     assert ablated["distill"]["lcmd_weight"] == 1 and ablated["distill"]["tcld"] is False

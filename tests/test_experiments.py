@@ -25,7 +25,7 @@ def test_ablation_jobs_override_clockdistill_and_tag_their_metrics():
     jobs = plan(PARAMS, "ablations", ["dino"], [], [0], Path("runs"), Path("results"))
     assert {j.ablation for j in jobs} == set(ABLATIONS)
     job = next(j for j in jobs if j.ablation == "lcmd_only")
-    train, evaluate = commands(job, "mini", Path("runs"))
+    train, evaluate, *cache = commands(job, "mini", Path("runs"))
     assert train[train.index("--method") + 1] == "clockdistill"
     assert train[train.index("--teacher") + 1] == "runs/mini/dino/teacher/model.pth"
     assert "distill.clockdistill.tcld=false" in train
@@ -90,7 +90,7 @@ def test_default_seed_runs_use_exactly_the_dvc_stage_commands(run):
     import yaml
     stages = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
     job = plan(PARAMS, "runs", ["dino"], [run], [0], Path("runs"), Path("results"))[0]
-    train, evaluate = commands(job, "mini", Path("runs"))
+    train, evaluate, *cache = commands(job, "mini", Path("runs"))
     values = {"profile": "mini", "seed": 0}
     if run in ("teacher", "student"):
         expected_train = _dvc_cmd(stages[run], item="dino", **values)
@@ -101,3 +101,5 @@ def test_default_seed_runs_use_exactly_the_dvc_stage_commands(run):
     assert expected_train.pop("--resume") == "unfinished"
     assert _flags(train) == expected_train
     assert _flags(evaluate) == _flags(expected_eval)
+    if run == "teacher":       # then the teacher_cache stage's command
+        assert _flags(cache[0]) == _flags(_dvc_cmd(stages["teacher_cache"], item="dino", **values))

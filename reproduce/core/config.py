@@ -24,6 +24,28 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def add_print_config_arguments(parser: argparse.ArgumentParser, does_nothing: str) -> None:
+    """``--print-config`` and ``--explain``, worded the same for every command that resolves a
+    run config; ``does_nothing`` says what the command then skips ("trains nothing")."""
+    parser.add_argument("--print-config", action="store_true",
+                        help=f"print the resolved run config as JSON and exit; {does_nothing}")
+    parser.add_argument("--explain", action="store_true",
+                        help="like --print-config, but one line per train / distill / image / eval option: "
+                             "its value and where it comes from (code default, params.yaml, -S)")
+
+
+def print_run_config(cfg: dict, sources: dict[str, str] | None = None) -> None:
+    """The run config as JSON, or with ``sources`` (``{"train.lr": "params.yaml ..."}``) one
+    ``key = value  # source`` line per explained option, so both commands print one format."""
+    if sources is None:
+        print(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+        return
+    for key in sorted(sources):
+        section, _, option = key.partition(".")
+        value = json.dumps(cfg[section][option], default=str)
+        print(f"{key} = {value}  # {sources[key]}")
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> dict:
     """Load ``params.yaml`` with ``yaml.safe_load``. Overrides (``-S key=value``) have one
     parser, reproduce.training.runconfig.apply_overrides, which also checks keys and types."""

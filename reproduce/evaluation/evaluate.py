@@ -5,6 +5,7 @@ Usage::
     python -m reproduce.evaluate --checkpoint runs/mini/dino/student/model.pth --detector dino
         [--role student] [--split val] [--out results/mini/dino/student.json]
         [--detections results/mini/dino/student_detections.json] [-S key=value ...]
+    python -m reproduce.evaluate --detector dino [--checkpoint ...] --print-config [--explain]
 
 Post-processing is Deformable DETR's (``PostProcess``): sigmoid scores of all (query, class)
 pairs, the top-k pairs per image (a query may yield several classes; k per detector as in its
@@ -36,7 +37,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from models.box_ops import box_cxcywh_to_xyxy
-from reproduce.core.config import ConfigError, OneLineParser, load_params, write_json
+from reproduce.core.config import (ConfigError, OneLineParser, add_print_config_arguments, load_params,
+                                   print_run_config, write_json)
 from reproduce.training.engine import capped_workers
 from reproduce.core.progress import Progress
 
@@ -305,7 +307,7 @@ def kitti_metrics(gt, detections: list[dict], image_ids: list[int] | None = None
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m reproduce.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", type=Path, required=True, help="model.pth or checkpoint.pth")
+    p.add_argument("--checkpoint", type=Path, help="model.pth or checkpoint.pth (required to evaluate)")
     p.add_argument("--detector", required=True, choices=("dab_detr", "deformable_detr", "dino"))
     p.add_argument("--role", choices=("teacher", "student"),
                    help="model config to build when the checkpoint has none (default: from the checkpoint, "
@@ -320,21 +322,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", choices=("cpu", "cuda"))
+    add_print_config_arguments(p, "evaluates nothing (with --checkpoint, the model config is the file's)")
     return p
+
+
+def eval_config(params: dict, args: argparse.Namespace) -> dict:
+    """The run config evaluation reads, from params.yaml (overrides applied, schedule left
+    unresolved), with this command's split and batch size in ``eval``."""
+    from reproduce.training.runconfig import resolve_run
+    cfg = resolve_run(params, args.detector, args.role or "student", overrides=args.overrides,
+                      profile=args.profile, resolve_steps=False)
+    cfg["eval"] = {**cfg["eval"], "split": args.split or cfg["eval"].get("split", "val"),
+                   "batch_size": args.batch_size or int(cfg["eval"].get("batch_size", 4))}
+    return cfg
+
+
+def with_checkpoint(cfg: dict, args: argparse.Namespace, meta: dict) -> dict:
+    """``cfg`` with what the checkpoint decides: load_detector builds the file's own model
+    config (the profile's only for a bare state_dict), and its role and method are recorded.
+    ``distill`` stays as resolved: evaluation builds no distiller."""
+    return {**cfg, "model": meta.get("model_cfg") or cfg["model"],
+            "role": args.role or meta.get("role") or "student",
+            "method": args.method or meta.get("method") or "student"}
+
+
+def eval_sources(params: dict, args: argparse.Namespace) -> dict[str, str]:
+    """:func:`reproduce.training.runconfig.run_sources` of :func:`eval_config`'s config, with
+    the command line's split and batch size."""
+    from reproduce.training.runconfig import run_sources
+    sources = run_sources(params, args.detector, args.role or "student", overrides=args.overrides,
+                          profile=args.profile, resolve_steps=False)
+    for key, flag in (("split", "--split"), ("batch_size", "--batch-size")):
+        if getattr(args, key) is not None:
+            sources[f"eval.{key}"] = f"command line {flag}"
+        sources.setdefault(f"eval.{key}", "code default (evaluate)")
+    return sources
+
+
+def print_eval_config(cfg: dict, params: dict, args: argparse.Namespace) -> None:
+    """``--print-config``: :func:`eval_config`'s ``cfg`` as evaluation would run it; the
+    checkpoint (when given) is read for its recorded config only: no model is built and no
+    data read."""
+    from reproduce.training.checkpoint import load_model_state
+    if args.checkpoint is not None:
+        cfg = with_checkpoint(cfg, args, load_model_state(args.checkpoint)[1])
+    print_run_config(cfg, eval_sources(params, args) if args.explain else None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from reproduce.training.checkpoint import CheckpointError, load_detector
     from reproduce.data.datasets import DetectionDataset
-    from reproduce.training.runconfig import resolve_run
+    from reproduce.training.runconfig import note_reroutes
     from reproduce.data.transforms import build_transforms
 
     try:
         params = load_params(args.params)
-        cfg = resolve_run(params, args.detector, args.role or "student", overrides=args.overrides,
-                          profile=args.profile, resolve_steps=False)
-        split = args.split or cfg["eval"].get("split", "val")
+        cfg = eval_config(params, args)
+        note_reroutes(args.overrides, cfg["profile"])
+        if args.print_config or args.explain:
+            print_eval_config(cfg, params, args)
+            return 0
+        if args.checkpoint is None:
+            raise ConfigError("--checkpoint is required (model.pth or checkpoint.pth)")
+        split = cfg["eval"]["split"]
         json_path = cfg["data"].get(split) or str(Path(cfg["data"]["train"]).with_name(f"{split}.json"))
         dataset = DetectionDataset(json_path, transforms=build_transforms(False, cfg["image"]))
         # the file's own model config; the profile's only for a bare state_dict
@@ -343,10 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 1
-    role = args.role or meta.get("role") or "student"
+    cfg = with_checkpoint(cfg, args, meta)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
-    batch_size = args.batch_size or int(cfg["eval"].get("batch_size", 4))
+    batch_size = cfg["eval"]["batch_size"]
 
     top_k = TOP_K[args.detector]
     detections = predict(model, dataset, batch_size, device, max_dets=top_k)
@@ -358,8 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "top_k": top_k,
         "n_images": len(dataset),
         "detector": args.detector,
-        "role": role,
-        "method": args.method or meta.get("method", "student"),
+        "role": cfg["role"],
+        "method": cfg["method"],
         "seed": meta.get("seed", cfg["seed"]),
         "steps": meta.get("steps"),
         "profile": meta.get("profile", cfg["profile"]),

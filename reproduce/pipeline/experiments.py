@@ -99,14 +99,20 @@ def commands(job: Job, profile: str, runs_root: Path) -> list[list[str]]:
         train += ["--role", "teacher"]
     else:
         train += ["--role", "student", "--method", job.run]
+    teacher = runs_root / profile / job.detector / "teacher" / "model.pth"
+    cache = runs_root / profile / job.detector / "teacher_cache.pt"
     if job.run not in ("teacher", "student"):
-        train += ["--teacher", str(runs_root / profile / job.detector / "teacher" / "model.pth")]
+        train += ["--teacher", str(teacher), "--teacher-cache", str(cache)]
     for item in job.overrides:
         train += ["-S", item]
     evaluate = [py, "-m", "reproduce.evaluate", "--checkpoint", str(job.run_dir / "model.pth"),
                 "--detector", job.detector, "--profile", profile, "--out", str(job.metrics)]
     if job.ablation:
         evaluate += ["--ablation", job.ablation]
+    if job.run == "teacher":
+        # what the teacher_cache stage does: the KD runs that follow read it
+        return [train, evaluate, [py, "-m", "reproduce.teacher_cache", "--detector", job.detector, "--profile",
+                                  profile, "--teacher", str(teacher), "--out", str(cache), "--no-progress"]]
     return [train, evaluate]
 
 

@@ -12,6 +12,7 @@ import difflib
 import inspect
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,38 +45,60 @@ def parse_value(text: str) -> Any:
     return value
 
 
+def route_override(key: str, profile: str) -> str:
+    """The key an override lands on: profile keys (``train.``, ``image.``, ``student.`` ...)
+    always land in the run's profile (for ``distill``, which also exists at the top level, the
+    profile's options are the ones that win)."""
+    return f"profiles.{profile}.{key}" if key.split(".", 1)[0] in PROFILE_KEYS else key
+
+
+def override_items(overrides: list[str] | dict | None) -> list[tuple[str, Any, str]]:
+    """``(key, value, as given)`` of each override: ``key.sub=value`` strings (YAML values)
+    or a ``{dotted key: value}`` dict."""
+    if isinstance(overrides, dict):
+        return [(key, value, f"{key}={value!r}") for key, value in overrides.items()]
+    items = []
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        items.append((key.strip(), parse_value(value), item))
+    return items
+
+
 def apply_overrides(params: dict, overrides: list[str] | dict | None, profile: str | None = None) -> dict:
     """A copy of ``params`` with ``key.sub=value`` overrides (a list of strings, YAML values)
     or a ``{dotted key: value}`` dict applied. Keys starting with a profile key (``train.``,
-    ``image.``, ``student.`` ...) are applied to the run's profile."""
+    ``image.``, ``student.`` ...) are applied to the run's profile (:func:`route_override`)."""
     params = copy.deepcopy(params)
-    if not overrides:
-        return params
-    items = []
-    if isinstance(overrides, dict):
-        items = list(overrides.items())
-    else:
-        for item in overrides:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ConfigError(f"override {item!r}: expected key.sub=value")
-            items.append((key.strip(), parse_value(value)))
+    items = override_items(overrides)
     # the profile itself may be overridden; apply that first
-    for key, value in items:
+    for key, value, _ in items:
         if key == "profile":
             params["profile"] = value
     profile = profile or params.get("profile")
-    for key, value in items:
+    for key, value, _ in items:
         if key == "profile":
             continue
-        head = key.split(".", 1)[0]
-        # profile keys always land in the run's profile (for ``distill``, which also exists at the
-        # top level, the profile's options are the ones that win)
-        if head in PROFILE_KEYS:
-            key = f"profiles.{profile}.{key}"
+        key = route_override(key, profile)
         check_override(params, key, value)
         set_dotted(params, key, value)
     return params
+
+
+#: rerouted keys already noted on stderr (a CLI may resolve several runs in one process)
+_NOTED: set[str] = set()
+
+
+def note_reroutes(overrides: list[str] | dict | None, profile: str) -> None:
+    """Say on stderr, once per key and process, where a profile-relative ``-S train.lr=...``
+    landed (``profiles.<profile>.train.lr``), so nobody looks for it at the top level. CLIs
+    call it after the run resolved, so a mistake stays a one-line error."""
+    for key, _, _ in override_items(overrides):
+        routed = route_override(key, profile)
+        if routed != key and key not in _NOTED:
+            _NOTED.add(key)
+            print(f"note: -S {key} -> {routed}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------- override checks
@@ -157,7 +180,16 @@ def method_defaults(method: str) -> dict:
     from distill import METHODS
     if method not in METHODS:
         raise ConfigError(f"unknown distillation method {method!r}; {_typo_hint(method, METHODS)}")
-    return dict(getattr(METHODS[method], "DEFAULTS", None) or {})
+    return copy.deepcopy(getattr(METHODS[method], "DEFAULTS", None) or {})
+
+
+def _defaults_layer(method: str) -> tuple[str, dict]:
+    """``(source label, options)`` of a method's code defaults; none for a method ``distill``
+    does not know (build_distiller names it when the run starts)."""
+    from distill import METHODS
+    if method not in METHODS:
+        return "code default", {}
+    return f"code default ({METHODS[method].__name__}.DEFAULTS)", method_defaults(method)
 
 
 def check_model_overrides(detector: str, overrides: dict) -> None:
@@ -251,21 +283,20 @@ def resolve_run(params: dict, detector: str, role: str, method: str = "student",
     train = {**TRAIN_DEFAULTS, **(prof.get("train") or {})}
     # per_detector: {<detector>: {...}} is applied over the profile's schedule for that detector only
     train.update((train.pop("per_detector", None) or {}).get(detector) or {})
-    steps_key, epochs_key = ("teacher_steps", "teacher_epochs") if role == "teacher" else ("steps", "epochs")
+    schedule = _schedule_key(train, role)
     if not resolve_steps:
         steps = None
-    elif train.get(steps_key) is not None:
-        steps = int(train[steps_key])
-    elif train.get(epochs_key) is not None or train.get("epochs") is not None:
-        epochs = train.get(epochs_key, train.get("epochs"))
+    elif schedule is None:
+        steps_key = "teacher_steps" if role == "teacher" else "steps"
+        raise ConfigError(f"profile {profile!r}: train needs {steps_key!r}, 'steps' or 'epochs'")
+    elif schedule.endswith("steps"):
+        steps = int(train[schedule])
+    else:
+        epochs = train[schedule]
         if dataset_len is None:
             dataset_len = count_images(data["train"])
         steps = steps_from_epochs(float(epochs), dataset_len, int(train["batch_size"]) * world_size)
         train["epochs"] = epochs
-    elif role == "teacher" and train.get("steps") is not None:
-        steps = int(train["steps"])
-    else:
-        raise ConfigError(f"profile {profile!r}: train needs {steps_key!r}, 'steps' or 'epochs'")
     if steps is not None and steps < 1:
         raise ConfigError(f"train steps must be >= 1, got {steps}")
     train["steps"] = steps
@@ -273,12 +304,7 @@ def resolve_run(params: dict, detector: str, role: str, method: str = "student",
         train.pop(key, None)
     train["world_size"] = world_size
 
-    distill = {}
-    if method != "student":
-        # method options: params' distill.<method>, then the profile's own distill.<method> on top
-        # (options tuned for one profile's scale must not leak into the paper-scale profiles)
-        distill = copy.deepcopy(((params.get("distill") or {}).get(method)) or {})
-        distill.update(copy.deepcopy(((prof.get("distill") or {}).get(method)) or {}))
+    distill = distill_options(params, prof, method) if method != "student" else {}
 
     return {
         "profile": profile,
@@ -295,6 +321,90 @@ def resolve_run(params: dict, detector: str, role: str, method: str = "student",
         "seed": int(params.get("seed", 0)),
         "distill": distill,
     }
+
+
+def _schedule_key(train: dict, role: str) -> str | None:
+    """The train key a run's length comes from: the role's steps (``teacher_steps`` for
+    teachers), else its epochs (``teacher_epochs``, then ``epochs``), else, for a teacher,
+    the students' ``steps``; None when there is none."""
+    steps_key, epochs_key = ("teacher_steps", "teacher_epochs") if role == "teacher" else ("steps", "epochs")
+    order = (steps_key, epochs_key, "epochs") + (("steps",) if role == "teacher" else ())
+    return next((key for key in order if train.get(key) is not None), None)
+
+
+def distill_options(params: dict, prof: dict, method: str) -> dict:
+    """Every option a method runs with: its code defaults (``<Distiller>.DEFAULTS``), then
+    params' ``distill.<method>``, then the profile's own ``distill.<method>`` (options tuned
+    for one profile's scale must not leak into the paper-scale profiles). Spelled out here so
+    config.json shows them all; the distiller's own merge of its defaults then changes nothing."""
+    options = _defaults_layer(method)[1]
+    options.update(copy.deepcopy(((params.get("distill") or {}).get(method)) or {}))
+    options.update(copy.deepcopy(((prof.get("distill") or {}).get(method)) or {}))
+    return options
+
+
+# ---------------------------------------------------------------------------- provenance
+
+def run_sources(params: dict, detector: str, role: str, method: str = "student",
+                overrides: list[str] | dict | None = None, profile: str | None = None,
+                resolve_steps: bool = True) -> dict[str, str]:
+    """Where each leaf of the train / distill / image / eval sections of :func:`resolve_run`'s
+    config comes from (``"train.lr": "params.yaml profiles.mini.train"``), so a reader of
+    ``--print-config --explain`` need not retrace the layers by hand. The layers, lowest
+    first, are the ones resolve_run merges; an override names itself."""
+    applied = apply_overrides(params, overrides, profile)
+    profile = profile or applied.get("profile")
+    prof = _profile(applied, profile)
+    routed = [(route_override(key, profile), text) for key, _, text in override_items(overrides)]
+    base = f"profiles.{profile}"
+    sources: dict[str, str] = {}
+
+    def layer(section: str, values: dict, label: str, path: str | None = None) -> None:
+        for key in values:
+            given = _override_of(routed, f"{path}.{key}") if path else None
+            sources[f"{section}.{key}"] = f"override -S {given}" if given else label
+
+    train = dict(prof.get("train") or {})
+    per_detector = (train.pop("per_detector", None) or {}).get(detector) or {}
+    layer("train", TRAIN_DEFAULTS, "code default (TRAIN_DEFAULTS)")
+    layer("train", train, f"params.yaml {base}.train", f"{base}.train")
+    layer("train", per_detector, f"params.yaml {base}.train.per_detector.{detector}",
+          f"{base}.train.per_detector.{detector}")
+    _schedule_sources(sources, {**TRAIN_DEFAULTS, **train, **per_detector}, role, resolve_steps)
+    if method != "student":
+        label, defaults = _defaults_layer(method)
+        layer("distill", defaults, label)
+        layer("distill", (applied.get("distill") or {}).get(method) or {}, f"params.yaml distill.{method}",
+              f"distill.{method}")
+        layer("distill", (prof.get("distill") or {}).get(method) or {}, f"params.yaml {base}.distill.{method}",
+              f"{base}.distill.{method}")
+    layer("image", prof.get("image") or {}, f"params.yaml {base}.image", f"{base}.image")
+    if prof.get("eval"):
+        layer("eval", prof["eval"], f"params.yaml {base}.eval", f"{base}.eval")
+    else:
+        layer("eval", {"split": "val", "batch_size": 4}, "code default (resolve_run)")
+    return sources
+
+
+def _override_of(routed: list[tuple[str, str]], dotted: str) -> str | None:
+    """The last override (as given) that set ``dotted`` or a section above it."""
+    hits = [text for key, text in routed if dotted == key or dotted.startswith(key + ".")]
+    return hits[-1] if hits else None
+
+
+def _schedule_sources(sources: dict, train: dict, role: str, resolve_steps: bool) -> None:
+    """``train.steps`` comes from the key :func:`_schedule_key` picks; the teacher keys are
+    folded into it and dropped, as resolve_run does."""
+    key = _schedule_key(train, role)
+    if not resolve_steps:
+        sources["train.steps"] = "not resolved (evaluation)"
+    elif key is not None and key != "steps":
+        sources["train.steps"] = f"{sources[f'train.{key}']} (from train.{key})"
+        if key.endswith("epochs"):
+            sources["train.epochs"] = sources[f"train.{key}"]
+    for teacher_key in ("teacher_steps", "teacher_epochs"):
+        sources.pop(f"train.{teacher_key}", None)
+    sources["train.world_size"] = "runtime (WORLD_SIZE)"
 
 
 def _profile(params: dict, profile: str | None) -> dict:

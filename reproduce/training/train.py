@@ -12,6 +12,10 @@ Usage::
 changing the schedule (LR drop etc. still refer to ``train.steps``); a later call continues
 from the checkpoint. Change the schedule itself with ``-S train.steps=N``.
 
+``--print-config`` prints the resolved run config (JSON: what ``config.json`` will hold) and
+trains nothing; ``--explain`` prints one line per train / distill / image / eval
+option instead, with the layer its value comes from (code default, params.yaml, ``-S``).
+
 ``--init-from CKPT`` (fine-tuning): start the student from a trained model.pth / checkpoint.pth
 of the same detector and config, trained on any dataset; when its class count differs from
 this dataset's, the class-dependent weights (class heads, DINO's denoising label embedding)
@@ -26,7 +30,6 @@ the end), ``model.pth`` (student weights, EMA when enabled), ``train_log.csv`` (
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -34,12 +37,14 @@ from pathlib import Path
 from typing import Sequence
 
 from distill import METHODS
+from distill.teacher_cache import TeacherCacheError
 from models.backbone import BackboneWeightsError
 from reproduce.training import checkpoint as ckpt_io
 from reproduce.training import distributed as du
-from reproduce.core.config import ConfigError, OneLineParser, load_params
+from reproduce.core.config import (ConfigError, OneLineParser, add_print_config_arguments, load_params,
+                                   print_run_config)
 from reproduce.training.engine import PREEMPTED_EXIT_CODE
-from reproduce.training.runconfig import resolve_run
+from reproduce.training.runconfig import note_reroutes, resolve_run, run_sources
 from reproduce.training.trainer import Trainer
 
 def train(cfg: dict, out_dir: str | Path, *, return_distiller: bool = False, **options):
@@ -61,11 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="student", choices=sorted(METHODS),
                    help="student (no KD) or a distillation method")
     p.add_argument("--teacher", type=Path, help="teacher model.pth / checkpoint.pth (KD methods)")
+    p.add_argument("--teacher-cache", type=Path, metavar="FILE",
+                   help="read the teacher's outputs from this cache (python -m reproduce.teacher_cache), built "
+                        "from the --teacher file; inputs it does not hold run the live teacher")
     p.add_argument("--allow-unfinished-teacher", action="store_true",
                    help="accept a teacher whose run stopped before the end of its schedule")
     p.add_argument("--out", type=Path, help="run directory, e.g. runs/mini/dino/student (required to train)")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the resolved run config (what config.json will hold) and exit; trains nothing")
+    add_print_config_arguments(p, "trains nothing (the JSON is what config.json will hold)")
     p.add_argument("--init-from", type=Path, metavar="CKPT",
                    help="fine-tune: start from this model.pth / checkpoint.pth (same detector and config; "
                         "another class count re-initialises the class heads)")
@@ -93,8 +100,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         cfg = resolve_run(params, args.detector, args.role, args.method, overrides=overrides, profile=args.profile,
                           world_size=world)
-        if args.print_config:
-            print(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+        note_reroutes(args.overrides, cfg["profile"])
+        if args.print_config or args.explain:
+            sources = run_sources(params, args.detector, args.role, args.method, overrides=overrides,
+                                  profile=args.profile) if args.explain else None
+            print_run_config(cfg, sources)
             return 0
         if args.out is None:
             raise ConfigError("--out is required (the run directory)")
@@ -104,8 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--teacher is for distillation methods; --method student trains without one")
         summary = train(cfg, args.out, teacher=args.teacher, max_steps=args.max_steps, resume=args.resume,
                         device=args.device, show_progress=not args.no_progress,
-                        allow_unfinished_teacher=args.allow_unfinished_teacher, init_from=args.init_from)
-    except (ConfigError, ckpt_io.CheckpointError, BackboneWeightsError, FileNotFoundError) as err:
+                        allow_unfinished_teacher=args.allow_unfinished_teacher, init_from=args.init_from,
+                        teacher_cache=args.teacher_cache)
+    except (ConfigError, ckpt_io.CheckpointError, BackboneWeightsError, FileNotFoundError,
+            TeacherCacheError) as err:
         print(f"train: error: {err}", file=sys.stderr)
         return 1
     finally:

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from distill import build_distiller
+from distill.teacher_cache import TeacherCache
 from models.build import build_criterion, build_detector
 from reproduce.core.config import ConfigError, write_json
 from reproduce.training import checkpoint as ckpt_io
@@ -40,8 +41,9 @@ class Trainer:
     def __init__(self, cfg: dict, out_dir: str | Path, *, teacher: str | Path | None = None,
                  max_steps: int | None = None, resume: str = "auto", device: str | None = None, dataset=None,
                  show_progress: bool = True, allow_unfinished_teacher: bool = False,
-                 init_from: str | Path | None = None):
+                 init_from: str | Path | None = None, teacher_cache: str | Path | None = None):
         self.cfg, self.out_dir = cfg, Path(out_dir)
+        self.teacher_cache_path, self.teacher_cache = teacher_cache, None
         self.teacher_path, self.max_steps, self.resume_mode = teacher, max_steps, resume
         self.device_choice, self.dataset, self.show_progress = device, dataset, show_progress
         self.allow_unfinished_teacher, self.init_from = allow_unfinished_teacher, init_from
@@ -79,6 +81,8 @@ class Trainer:
         teacher = (load_teacher(self.teacher_path, cfg, self.num_classes, self.allow_unfinished_teacher)
                    if self.teacher_path is not None else None)
         self.distiller = build_distiller(cfg["method"], student, criterion, teacher=teacher, cfg=cfg.get("distill"))
+        if self.teacher_cache_path is not None:
+            self.attach_teacher_cache()
         self.distiller.to(self.info.device)
         self.distiller.train()
         self.optimizer = build_optimizer(self.distiller, self.train_cfg)
@@ -92,6 +96,22 @@ class Trainer:
         if self.info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         du.barrier()
+
+    def attach_teacher_cache(self) -> None:
+        """Read the frozen teacher's outputs from a cache built for this very teacher file
+        (reproduce.training.teacher_cache); an empty cache, or one that does not serve this
+        method, leaves the live teacher."""
+        if self.teacher_path is None:
+            raise ConfigError("--teacher-cache needs --teacher (the cache is checked against it)")
+        cache = TeacherCache.load(self.teacher_cache_path, self.teacher_path)
+        served = cache.note.get("served", [])
+        if self.cfg["method"] in served:
+            self.distiller.use_teacher_cache(cache)
+            self.teacher_cache = cache
+        else:
+            why = cache.note.get("empty_because") or cache.note.get("live", {}).get(self.cfg["method"]) or \
+                "not built for this method"
+            log.info("teacher cache %s not used (%s): live teacher", self.teacher_cache_path, why)
 
     # ---- restore: continue from <out>/checkpoint.pth when asked ------------------------------
     def restore(self):
@@ -248,6 +268,8 @@ class Trainer:
             "num_classes": self.num_classes,
             "teacher_checkpoint": str(self.teacher_path) if self.teacher_path is not None else None,
             "init_from": str(self.init_from) if self.init_from is not None else None,
+            "teacher_cache": ({"path": str(self.teacher_cache_path), **self.teacher_cache.stats()}
+                              if self.teacher_cache is not None else None),
             "final_log_row": self.last_row, "config": cfg,
         }
         if info.is_main:
