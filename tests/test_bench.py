@@ -133,6 +133,9 @@ def test_quick_run_writes_valid_json(tmp_path):
     distill = json.loads((tmp_path / "distill_overhead.json").read_text())["result"]
     for entry in distill["detectors"]:
         assert "clockdistill" in entry["ratio_to_student_plus_teacher"], entry["errors"]
+        # KD step / student step with the teacher output cache; KD-DETR keeps the live teacher
+        assert "clockdistill+cache" in entry["ratio_to_student"] and "kd_detr+cache" not in entry["ratio_to_student"]
+    assert distill["cached_ratio_to_student"]["dino"]["clockdistill"] > 0
     models = json.loads((tmp_path / "models.json").read_text())["result"]
     assert all("step" in row and row["peak_rss_mib"] > 0 for row in models["rows"]), models["rows"]
     evaluation = json.loads((tmp_path / "eval.json").read_text())["result"]
