@@ -37,3 +37,28 @@ def test_teacher_steps_for_teachers(capsys, tmp_path):
 def test_test_split_is_refused(tmp_path):
     with pytest.raises(SystemExit):
         tuning.main(["--name", "t", "--split", "test", "--runs-root", str(tmp_path)])
+
+
+def test_summary_is_written_after_each_probe(tmp_path, monkeypatch):
+    """A probe killed half-way keeps the summary of what finished (here: a fake training that
+    writes metrics for the first probe and fails the second)."""
+    import json
+    calls = []
+
+    def fake_execute(cmds, log_path, threads):
+        metrics = cmds[-1][cmds[-1].index("--out") + 1]
+        calls.append(metrics)
+        if len(calls) == 1:
+            from pathlib import Path
+            Path(metrics).parent.mkdir(parents=True, exist_ok=True)
+            Path(metrics).write_text(json.dumps({"bbox": {"AP": 0.25, "AP50": 0.5}}))
+            return 1.0, 0
+        return 1.0, 1
+
+    monkeypatch.setattr(tuning, "execute", fake_execute)
+    rc = tuning.main(["--name", "t", "--detectors", "dino", "--steps", "10,20", "--jobs", "1",
+                      "--runs-root", str(tmp_path / "runs"), "--results-root", str(tmp_path / "results")])
+    assert rc == 1 and len(calls) == 2
+    record = json.loads((tmp_path / "results" / "t.json").read_text())
+    assert [r["AP"] for r in record["runs"]] == [0.25] and record["split"] == "val"
+    assert record["command"].startswith("python -m reproduce.tuning --name t")

@@ -164,21 +164,33 @@ def main(argv: list[str] | None = None) -> int:
             if rc:
                 failed.append(probe.tag)
 
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.jobs} jobs x {threads} threads"
+    command = "python -m reproduce.tuning " + shlex.join(argv if argv is not None else sys.argv[1:])
+
+    def write_record() -> list[dict]:
+        """The summary of every finished probe, rewritten after each one: an interrupted
+        probe keeps what it measured."""
+        rows = [{"tag": p.tag, **summary_row(p, metrics_of[p.tag], walls.get(p.tag))}
+                for p in probes if metrics_of[p.tag].exists()]
+        args.results_root.mkdir(parents=True, exist_ok=True)
+        record = {"what": args.what, "split": args.split, "profile": profile, "command": command,
+                  "machine": machine, "runs": rows}
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.replace(out)
+        return rows
+
+    def work_and_record(probe: Probe) -> None:
+        work(probe)
+        if not args.dry_run:
+            with lock:
+                write_record()
+
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(work, todo))
+        list(pool.map(work_and_record, todo))
     if args.dry_run:
         return 0
-    rows = []
-    for p in probes:
-        if metrics_of[p.tag].exists():
-            rows.append({"tag": p.tag, **summary_row(p, metrics_of[p.tag], walls.get(p.tag))})
-    args.results_root.mkdir(parents=True, exist_ok=True)
-    record = {"what": args.what, "split": args.split, "profile": profile,
-              "command": "python -m reproduce.tuning " + shlex.join(argv if argv is not None else sys.argv[1:]),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                         f"{args.jobs} jobs x {threads} threads",
-              "runs": rows}
-    out.write_text(json.dumps(record, indent=1) + "\n")
+    rows = write_record()
     for r in rows:
         print(f"{r['tag']:60s} AP {r['AP']:.4f} AP50 {r['AP50']:.4f}")
     print(f"wrote {out}")
