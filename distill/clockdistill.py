@@ -102,15 +102,21 @@ class CLoCKDistill(Distiller):
                                             c["content_source"], c["seed"])
         self.weights = {"loss_lcmd": c["lcmd_weight"], "loss_tcld": c["tcld_weight"]}
 
+    def target_plan(self, targets: list[dict], device: torch.device):
+        """The batch's target-aware query plan (None without L_tcld or without any query)."""
+        return self.queries.plan(targets, device) if self.cfg["tcld"] else None
+
+    def groups_for(self, model, plan) -> list | None:
+        return [self.queries.group_for(model, plan)] if plan is not None else None
+
     def teacher_groups(self, images: Tensor, targets: list[dict]):
-        plan = self.queries.plan(targets, images.device) if self.cfg["tcld"] else None
-        return [self.queries.group_for(self.teacher, plan)] if plan is not None else None
+        return self.groups_for(self.teacher, self.target_plan(targets, images.device))
 
     def forward(self, images: Tensor, pad_mask: Tensor, targets: list[dict]) -> dict[str, Tensor]:
         c = self.cfg
-        plan = self.queries.plan(targets, images.device) if c["tcld"] else None
-        student_groups = [self.queries.group_for(self.student, plan)] if plan is not None else None
-        teacher_groups = [self.queries.group_for(self.teacher, plan)] if plan is not None else None
+        plan = self.target_plan(targets, images.device)
+        student_groups = self.groups_for(self.student, plan)
+        teacher_groups = self.groups_for(self.teacher, plan)
         student_out = self.student(images, pad_mask, targets, groups=student_groups)
         teacher_out = self.teacher_forward(images, pad_mask, groups=teacher_groups)
         losses = self.criterion(student_out, targets)

@@ -141,7 +141,7 @@ class TeacherCache:
     def __init__(self, teacher_sha256: str, images: dict | None = None, entries: dict | None = None,
                  record: bool = False, note: dict | None = None):
         self.teacher_sha256 = teacher_sha256
-        self.note = note or {}        # what the builder says: methods served, why empty
+        self.note = note if note is not None else {}   # what the builder says: methods served, why empty
         self.images: dict[str, dict] = images if images is not None else {}
         self.entries: dict[str, dict] = entries if entries is not None else {}
         self.record = record

@@ -33,7 +33,6 @@ def toy(tmp_path_factory):
         train(resolve_run(params, DETECTOR, "teacher"), root / "teacher", device="cpu", show_progress=False)
     teacher = root / "teacher" / "model.pth"
     cache, report = build_cache(params, DETECTOR, "toy", teacher, show_progress=False)
-    cache.note = report
     cache.save(root / "teacher_cache.pt")
     return params, teacher, root / "teacher_cache.pt", report, root
 

@@ -561,16 +561,17 @@ def bench_distill_overhead(args, *_):
         for name, cls in methods.items():
             if name == "student":
                 continue
+            def make_distiller(cls=cls, name=name):
+                return cls(copy.deepcopy(student0), build_criterion(det, NUM_CLASSES), teacher=teacher,
+                           cfg=dict(method_cfgs.get(name) or {})).train()
             try:
-                distiller = cls(copy.deepcopy(student0), build_criterion(det, NUM_CLASSES), teacher=teacher,
-                                cfg=dict(method_cfgs.get(name) or {})).train()
-                step = make_step(distiller)
+                step = make_step(make_distiller())
                 step()   # fails here rather than inside the timing loop
                 candidates[name] = step
             except Exception as exc:   # noqa: BLE001 - a method that cannot run is reported, not fatal
                 errors[name] = f"{type(exc).__name__}: {exc}"
                 continue
-            cached = cached_distiller(cls, student0, det, teacher, method_cfgs.get(name), images, pad_mask, targets)
+            cached = cached_distiller(make_distiller(), images, pad_mask, targets)
             if cached is not None:
                 candidates[f"{name}+cache"] = make_step(cached)
         # short steps and a 10% target: twice the rounds of the other comparisons
@@ -599,15 +600,12 @@ def bench_distill_overhead(args, *_):
     return out
 
 
-def cached_distiller(cls, student0, det: str, teacher, cfg, images, pad_mask, targets):
-    """A distiller of ``cls`` whose teacher outputs for this batch come from a TeacherCache
-    (recorded once here, as the cache builder does); None for a method that keeps the live
-    teacher (its teacher inputs change from step to step)."""
+def cached_distiller(distiller, images, pad_mask, targets):
+    """``distiller`` reading its teacher outputs for this batch from a TeacherCache (recorded
+    once here, as the cache builder does); None for a method that keeps the live teacher (its
+    teacher inputs change from step to step)."""
     from distill import NotCacheable
     from distill.teacher_cache import TeacherCache
-    from models import build_criterion
-    distiller = cls(copy.deepcopy(student0), build_criterion(det, NUM_CLASSES), teacher=teacher,
-                    cfg=dict(cfg or {})).train()
     try:
         groups = distiller.teacher_groups(images, targets)
     except NotCacheable:

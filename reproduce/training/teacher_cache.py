@@ -48,22 +48,19 @@ def random_augmentation(image_cfg: dict) -> str | None:
     return ", ".join(reasons) or None
 
 
-def cacheable_distillers(params: dict, detector: str, profile: str, teacher_path: Path, methods: list[str],
-                         overrides: list[str] | None = None):
-    """``(method, distiller)`` for each method whose teacher inputs are a function of the batch;
-    the distillers share one frozen teacher. Also returns the train config of the first."""
-    from reproduce.data.datasets import DetectionDataset
-    picked, teacher, cfg = [], None, None
+def method_distillers(params: dict, detector: str, profile: str, teacher_path: Path, methods: list[str],
+                      num_classes: int, overrides: list[str] | None = None) -> list:
+    """``(method, distiller)`` for each method, all sharing one frozen teacher."""
+    picked, teacher = [], None
     for method in methods:
         cfg = resolve_run(params, detector, "student", method, overrides=overrides, profile=profile)
         if teacher is None:
-            num_classes = DetectionDataset(cfg["data"]["train"]).num_classes
             teacher = load_teacher(teacher_path, cfg, num_classes)
         student = build_detector(cfg["model"], num_classes)
         distiller = build_distiller(method, student, build_criterion(detector, num_classes), teacher=teacher,
                                     cfg=cfg["distill"])
         picked.append((method, distiller))
-    return picked, cfg
+    return picked
 
 
 def build_cache(params: dict, detector: str, profile: str, teacher_path: Path, *, methods: list[str] | None = None,
@@ -74,23 +71,26 @@ def build_cache(params: dict, detector: str, profile: str, teacher_path: Path, *
     from reproduce.data.datasets import DetectionDataset
     from reproduce.data.transforms import build_transforms, collate
     methods = list(methods if methods is not None else params["methods"])
-    cache = TeacherCache(file_sha256(teacher_path), record=True)
-    base = resolve_run(params, detector, "student", overrides=overrides, profile=profile)
-    why = random_augmentation(base["image"])
     report = {"detector": detector, "teacher": str(teacher_path), "served": [], "live": {}, "batches": 0}
+    # the report is the cache's note: saved with it, read by the trainer (methods served, why empty)
+    cache = TeacherCache(file_sha256(teacher_path), record=True, note=report)
+    cfg = resolve_run(params, detector, "student", overrides=overrides, profile=profile)
+    why = random_augmentation(cfg["image"])
     if why is not None:
         report["empty_because"] = f"training augmentation is random beyond the flip ({why})"
         return cache, report
     if not methods:
         report["empty_because"] = "no methods to serve"
         return cache, report
-    distillers, cfg = cacheable_distillers(params, detector, profile, teacher_path, methods, overrides)
+    train_images = DetectionDataset(cfg["data"]["train"])
+    distillers = method_distillers(params, detector, profile, teacher_path, methods, train_images.num_classes,
+                                   overrides)
     flips = (0.0, 1.0) if float(cfg["image"].get("hflip", 0.0)) > 0 else (0.0,)
     batch_size = max(2, int(cfg["train"]["batch_size"]))
     active = dict(distillers)
     for method, distiller in distillers:
         distiller.use_teacher_cache(cache)
-    total = sum(-(-len(DetectionDataset(cfg["data"]["train"])) // batch_size) for _ in flips)
+    total = len(flips) * -(-len(train_images) // batch_size)
     if max_batches is not None:
         total = min(total, max_batches)
     with torch.no_grad(), Progress(total, "teacher cache", unit="batches", enabled=show_progress) as bar:
@@ -147,7 +147,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"teacher_cache: error: {err}", file=sys.stderr)
         return 1
-    cache.note = report
     cache.save(args.out)
     size = args.out.stat().st_size / 2**20
     if "empty_because" in report:
