@@ -7,7 +7,8 @@ import pytest
 from scipy import stats
 
 from reproduce.report.claim import BASELINES, confidence_interval, evaluate_claim
-from reproduce.pipeline.experiments import ABLATIONS, commands, plan
+from reproduce.pipeline.experiments import ABLATIONS, UNTUNED, commands, plan
+from reproduce.report.tables import split_runs
 
 PARAMS = {"profile": "mini", "seed": 0, "seeds": [0, 1, 2], "methods": list(BASELINES) + ["clockdistill"]}
 
@@ -30,6 +31,18 @@ def test_ablation_jobs_override_clockdistill_and_tag_their_metrics():
     assert train[train.index("--teacher") + 1] == "runs/mini/dino/teacher/model.pth"
     assert "distill.clockdistill.tcld=false" in train
     assert evaluate[evaluate.index("--ablation") + 1] == "lcmd_only"
+
+
+def test_tuned_methods_get_an_untuned_ablation_run_at_their_code_default():
+    params = {**PARAMS, "profiles": {"mini": {"distill": {"fgd": {"kd_weight": 3.0}, "mgd": {"kd_weight": 1.0}}}}}
+    jobs = plan(params, "ablations", ["dino"], [], [0], Path("runs"), Path("results"))
+    untuned = [j for j in jobs if j.ablation == UNTUNED]
+    assert [j.run for j in untuned] == ["fgd"]          # mgd is still at its default: no extra run
+    train, evaluate, *_ = commands(untuned[0], "mini", Path("runs"))
+    assert "distill.fgd.kd_weight=1.0" in train and train[train.index("--method") + 1] == "fgd"
+    assert str(untuned[0].metrics) == "results/mini/dino/ablation-untuned-fgd-s0.json"
+    _, rows = split_runs([{"detector": "dino", "method": "fgd", "ablation": UNTUNED, "seed": 0, "AP": 0.1}])
+    assert [r["variant"] for r in rows] == ["fgd: untuned"]
 
 
 def test_paired_interval_matches_scipy():

@@ -8,9 +8,10 @@ the pipeline's, under ``results/<profile>/<detector>/``:
 * ``seeds``: the student and CLoCKDistill (``--runs`` to add baselines) for every seed in
   ``params.yaml``'s ``seeds`` other than the pipeline's, so that Table 2 shows mean ± std;
 * ``ablations``: CLoCKDistill variants (L_lcmd only, L_tcld only, location mask off,
-  backbone-feature distillation, the untuned L_lcmd weight) for ``--seeds`` (default: the
-  pipeline's seed), tagged ``ablation`` in
-  their metrics so ``reproduce.report.tables`` puts them in the ablation table;
+  backbone-feature distillation) and, for every method whose tuned ``kd_weight`` differs from
+  its code default, that method at its untuned default, for ``--seeds`` (default: the
+  pipeline's seed), tagged ``ablation`` in their metrics so ``reproduce.report.tables`` puts
+  them in the ablation table;
 * ``runs``: any list of runs and seeds, e.g. the pipeline's own runs two at a time;
 A run whose metrics file exists is skipped, and an interrupted training resumes from its
 checkpoint, so the driver can be stopped and started again. ``--jobs N`` runs N trainings at
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reproduce.core.config import load_params
+from reproduce.training.runconfig import distill_options, method_defaults
 
 #: CLoCKDistill variants of the ablation table (distill.clockdistill overrides)
 #: ("both" is Table 2's CLoCKDistill run itself: reproduce.report.tables reuses it, nothing is rerun)
@@ -40,6 +42,22 @@ ABLATIONS: dict[str, dict[str, str]] = {
     "no_location_mask": {"location_mask": "false"},
     "backbone_features": {"feature_source": "backbone"},
 }
+
+#: the ablation tag of a method run at its code defaults (the value the sweep replaced)
+UNTUNED = "untuned"
+
+
+def untuned_overrides(params: dict, profile: str) -> dict[str, list[str]]:
+    """{method: overrides restoring its code-default ``kd_weight``} for every method whose
+    resolved ``kd_weight`` (params + profile) was tuned away from it. A method still at its
+    default has no untuned run: its Table 2 run is already the untuned one."""
+    prof = (params.get("profiles") or {}).get(profile) or {}
+    out = {}
+    for method in params["methods"]:
+        default = method_defaults(method).get("kd_weight", 1.0)
+        if float(distill_options(params, prof, method).get("kd_weight", default)) != float(default):
+            out[method] = [f"distill.{method}.kd_weight={default}"]
+    return out
 
 
 @dataclass
@@ -76,6 +94,11 @@ def plan(params: dict, command: str, detectors: list[str], runs: list[str], seed
                                     runs_root / profile / detector / f"{name}-s{seed}",
                                     results_root / profile / detector / f"{name}-s{seed}.json",
                                     [f"distill.clockdistill.{k}={v}" for k, v in options.items()], variant))
+                for method, overrides in untuned_overrides(params, profile).items():
+                    name = f"ablation-{UNTUNED}-{method}"
+                    jobs.append(Job(detector, method, seed, runs_root / profile / detector / f"{name}-s{seed}",
+                                    results_root / profile / detector / f"{name}-s{seed}.json",
+                                    overrides, UNTUNED))
         return jobs
     for detector in detectors:
         for seed in seeds:

@@ -26,7 +26,8 @@ METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 KITTI_COLUMNS = {"KITTI Car (mod)": ("Car", "moderate"), "KITTI Ped (mod)": ("Pedestrian", "moderate"),
                  "KITTI Cyc (mod)": ("Cyclist", "moderate"), "KITTI mAP (mod)": ("mAP_moderate", None)}
 MAIN_ORDER = ["teacher", "student", "fitnet", "fgd", "mgd", "kd_detr", "detrdistill", "clockdistill"]
-ABLATION_ORDER = ["both", "lcmd_only", "tcld_only", "no_location_mask", "backbone_features", "paper_weights"]
+ABLATION_ORDER = ["both", "lcmd_only", "tcld_only", "no_location_mask", "backbone_features", "paper_weights", "untuned",
+                  *(f"{m}: untuned" for m in MAIN_ORDER[2:])]
 DETECTOR_NAMES = {"dab_detr": "DAB-DETR", "deformable_detr": "Deformable DETR", "dino": "DINO"}
 DASH = "—"
 
@@ -64,8 +65,16 @@ def split_runs(runs: list[dict]) -> tuple[list[dict], list[dict]]:
     row is Table 2's CLoCKDistill run (same config), not a rerun."""
     main = [r for r in runs if not r.get("ablation")]
     ablation = [dict(r, variant="both") for r in main if r.get("method") == "clockdistill"]
-    ablation += [dict(r, variant=r["ablation"]) for r in runs if r.get("ablation")]
+    ablation += [dict(r, variant=ablation_variant(r)) for r in runs if r.get("ablation")]
     return main, ablation
+
+
+def ablation_variant(run: dict) -> str:
+    """The ablation table's row label: CLoCKDistill's variants by name; another method's run
+    at its untuned defaults as ``<method>: untuned``."""
+    if run.get("method") in (None, "clockdistill"):
+        return run["ablation"]
+    return f"{run['method']}: {run['ablation']}"
 
 
 def delta_ap(method: dict, student: dict) -> float:
