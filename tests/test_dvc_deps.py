@@ -128,3 +128,32 @@ def test_the_check_fails_when_a_dependency_is_dropped():
     dropped = [d for d in deps if d != "models"]
     missing = uncovered(files, dropped)
     assert "models/detr_base.py" in missing and "models/build.py" in missing
+
+
+# --- params: the training stages list every profile key a run reads ---------------------------
+
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", ["teacher", "student"])
+def test_training_stage_params_cover_every_profile_key_but_distill(name):
+    """Teachers and students leave ``profiles.<p>.distill`` out of their params, so tuning a
+    KD weight retrains no teacher; every other key of every profile must be listed."""
+    listed = {p.removeprefix("profiles.${profile}.") for p in STAGES[name]["do"]["params"]}
+    for profile, keys in PARAMS["profiles"].items():
+        missing = set(keys) - {"distill"} - listed
+        assert not missing, f"{name}: profiles.{profile}.{sorted(missing)} not in its dvc.yaml params"
+
+
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_teacher_and_student_configs_do_not_read_the_profile_distill_options(role):
+    import copy
+
+    from reproduce.training.runconfig import resolve_run
+    changed = copy.deepcopy(PARAMS)
+    changed["profiles"]["mini"]["distill"] = {"fgd": {"kd_weight": 7.0}, "clockdistill": {"tcld": False}}
+    base = resolve_run(PARAMS, "dino", role, profile="mini", dataset_len=100)
+    assert resolve_run(changed, "dino", role, profile="mini", dataset_len=100) == base
+    # ... while a KD run does read them (the distill stage keeps the whole profile)
+    kd = resolve_run(changed, "dino", "student", method="fgd", profile="mini", dataset_len=100)
+    assert kd["distill"]["kd_weight"] == 7.0
