@@ -116,3 +116,12 @@ def test_default_seed_runs_use_exactly_the_dvc_stage_commands(run):
     assert _flags(evaluate) == _flags(expected_eval)
     if run == "teacher":       # then the teacher_cache stage's command
         assert _flags(cache[0]) == _flags(_dvc_cmd(stages["teacher_cache"], item="dino", **values))
+
+
+def test_seeds_runs_the_student_and_every_method_by_default(capsys, tmp_path):
+    from reproduce.pipeline.experiments import main
+    assert main(["seeds", "--detectors", "dino", "--dry-run", "--results-root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for run in ["student", *BASELINES, "clockdistill"]:
+        assert f"dino/{run}-s1" in out, out
+    assert "teacher" not in out

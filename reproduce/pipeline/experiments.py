@@ -5,8 +5,9 @@ rest of what Table 2 and the ablation table need, each run as the same two comma
 stage runs (``reproduce.training.train``, then ``reproduce.evaluation.evaluate``), and writes its metrics next to
 the pipeline's, under ``results/<profile>/<detector>/``:
 
-* ``seeds``: the student and CLoCKDistill (``--runs`` to add baselines) for every seed in
-  ``params.yaml``'s ``seeds`` other than the pipeline's, so that Table 2 shows mean ± std;
+* ``seeds``: the student and every method of ``params.yaml``'s ``methods`` (``--runs`` for
+  fewer) for every seed in ``params.yaml``'s ``seeds`` other than the pipeline's, so that every
+  row of Table 2 shows mean ± std over the same seeds;
 * ``ablations``: CLoCKDistill variants (L_lcmd only, L_tcld only, location mask off,
   backbone-feature distillation) and, for every method whose tuned ``kd_weight`` differs from
   its code default, that method at its untuned default, for ``--seeds`` (default: the
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--profile")
     parser.add_argument("--detectors", help="comma-separated (default: params detectors)")
-    parser.add_argument("--runs", help="comma-separated runs (seeds default: student,clockdistill)")
+    parser.add_argument("--runs", help="comma-separated runs (seeds default: student and every method; ablations: all variants)")
     parser.add_argument("--seeds", help="comma-separated (seeds: params seeds except seed; otherwise: params seed)")
     parser.add_argument("--jobs", type=int, default=2, help="trainings at once (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per job (default: cores / jobs)")
@@ -181,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in params["seeds"] if int(s) != default_seed]
     else:          # runs and ablations: the pipeline's seed unless --seeds says otherwise
         seeds = [default_seed]
-    runs = args.runs.split(",") if args.runs else (["student", "clockdistill"] if args.command != "runs"
-                                                   else ["teacher", "student", *params["methods"]])
+    # seeds: every method, so each Table 2 row has the same seeds as the student it is paired with
+    runs = args.runs.split(",") if args.runs else (["teacher", "student", *params["methods"]] if args.command == "runs"
+                                                   else ["student", *params["methods"]])
     unknown = set(runs) - {"teacher", "student", *params["methods"]}
     if unknown:
         parser.error(f"unknown runs {sorted(unknown)}; choose from teacher, student, {', '.join(params['methods'])}")
