@@ -11,7 +11,8 @@ L = L_det(student) + w_lcmd * L_lcmd + w_tcld * L_tcld
   by the teacher's confidence.
 
 Outer weight: ``kd_weight`` (default 1) multiplies both terms; ``lcmd_weight`` / ``tcld_weight``
-are the inner weights of the two parts (the mini profile sets lcmd_weight, see params.yaml).
+are the inner weights of the two parts (untuned: the mini profile tunes ``kd_weight`` only,
+as for every method).
 
 Every choice the paper's available text does not settle is a key of ``DEFAULTS`` with its grade.
 Against the first author's GKD code (lanqz7766/GKD mmdet/models/detectors/detr_distill.py):
