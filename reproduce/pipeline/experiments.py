@@ -87,19 +87,16 @@ def plan(params: dict, command: str, detectors: list[str], runs: list[str], seed
     profile, default_seed = params["profile"], int(params["seed"])
     jobs = []
     if command == "ablations":
+        # (file stem, method, overrides, tag): CLoCKDistill's variants, then the untuned methods
+        variants = [(f"ablation-{tag}", "clockdistill", [f"distill.clockdistill.{k}={v}" for k, v in options.items()], tag)
+                    for tag, options in ABLATIONS.items()]
+        variants += [(f"ablation-{UNTUNED}-{method}", method, overrides, UNTUNED)
+                     for method, overrides in untuned_overrides(params, profile).items()]
         for detector in detectors:
             for seed in seeds:
-                for variant, options in ABLATIONS.items():
-                    name = f"ablation-{variant}"
-                    jobs.append(Job(detector, "clockdistill", seed,
-                                    runs_root / profile / detector / f"{name}-s{seed}",
-                                    results_root / profile / detector / f"{name}-s{seed}.json",
-                                    [f"distill.clockdistill.{k}={v}" for k, v in options.items()], variant))
-                for method, overrides in untuned_overrides(params, profile).items():
-                    name = f"ablation-{UNTUNED}-{method}"
-                    jobs.append(Job(detector, method, seed, runs_root / profile / detector / f"{name}-s{seed}",
-                                    results_root / profile / detector / f"{name}-s{seed}.json",
-                                    overrides, UNTUNED))
+                for stem, method, overrides, tag in variants:
+                    jobs.append(Job(detector, method, seed, runs_root / profile / detector / f"{stem}-s{seed}",
+                                    results_root / profile / detector / f"{stem}-s{seed}.json", overrides, tag))
         return jobs
     for detector in detectors:
         for seed in seeds:
