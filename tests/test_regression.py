@@ -104,15 +104,20 @@ def test_every_stored_metric_is_from_the_profile_and_test_split():
         assert run["split"] == "test", f"{run['_path']}: Table 2 reports the test split (tuning used val)"
 
 
-# The claim, as measured on the stored default-profile results (README, "Reproduction"). What
-# holds: CLoCKDistill beats the no-KD student with a 95% CI above 0 over >= 3 seeds, for all
-# three detectors, and is >= every (untuned) baseline on DAB-DETR. What does not: the +2.0 bar for
-# DAB-DETR (+0.5 on a 0.2-AP student) and DINO, and CLoCKDistill >= every baseline on Deformable
-# DETR and DINO. A change either way must be a deliberate update.
+# The claim, as measured on the stored default-profile results (README, "Reproduction"): which
+# checks of reproduce.report.claim fail, the sign of CLoCKDistill's gain over the student, and
+# which baselines lead it. Recomputed from the stored metrics, so a change either way (new
+# seeds, new code) must be a deliberate update of these three pins.
 MEASURED_FAILING_CHECKS = {
-    "dab_detr": ["gain_at_least_min"],
-    "deformable_detr": ["beats_every_baseline"],
-    "dino": ["beats_every_baseline", "gain_at_least_min"],
+    "dab_detr": ["beats_every_baseline", "ci_above_zero", "enough_seeds", "gain_at_least_min"],
+    "deformable_detr": ["beats_every_baseline", "ci_above_zero", "enough_seeds", "gain_at_least_min"],
+    "dino": ["beats_every_baseline", "ci_above_zero", "enough_seeds", "gain_at_least_min"],
+}
+MEASURED_GAIN_IS_POSITIVE = {"dab_detr": True, "deformable_detr": True, "dino": False}
+MEASURED_BASELINES_AHEAD = {
+    "dab_detr": ["detrdistill", "fgd", "fitnet", "kd_detr", "mgd"],
+    "deformable_detr": ["fgd", "kd_detr", "mgd"],
+    "dino": ["detrdistill", "fgd", "fitnet", "kd_detr", "mgd"],
 }
 
 
@@ -120,6 +125,6 @@ MEASURED_FAILING_CHECKS = {
 @pytest.mark.parametrize("detector", sorted(MEASURED_FAILING_CHECKS))
 def test_claim_on_the_default_profile_is_as_reported(detector):
     entry = evaluate_claim(STORED_METRICS)["detectors"][detector]
-    assert entry["delta_ap"] > 0 and entry["ci95"][0] > 0, entry
-    assert entry["checks"]["enough_seeds"] and entry["checks"]["ci_above_zero"]
     assert sorted(k for k, ok in entry["checks"].items() if not ok) == MEASURED_FAILING_CHECKS[detector]
+    assert (entry["delta_ap"] > 0) == MEASURED_GAIN_IS_POSITIVE[detector], entry["delta_ap"]
+    assert entry["baselines_above_clockdistill"] == MEASURED_BASELINES_AHEAD[detector]
