@@ -69,6 +69,12 @@ def test_claim_holds_only_with_gain_interval_seeds_and_every_baseline():
     # too small a gain breaks it
     small = [dict(r, AP=r["AP"] - 0.01) if r["method"] == "clockdistill" else r for r in runs]
     assert not evaluate_claim(small)["detectors"]["dino"]["checks"]["gain_at_least_min"]
+    # the best baseline's margin is paired on the seeds both have, with its interval
+    best = worse["best_baseline"]
+    assert best["method"] == "fgd" and best["seeds"] == [0, 1, 2] and best["ci_method"] == "paired t"
+    assert best["clockdistill_minus_baseline"] == pytest.approx(100 * (0.13 + 0.14 + 0.145) / 3 - 100 * (0.11 + 0.2 + 0.2) / 3, abs=1e-3)
+    (low, high), _ = confidence_interval({0: 13.0, 1: 14.0, 2: 14.5}, {0: 11.0, 1: 20.0, 2: 20.0})
+    assert best["ci95"] == [round(low, 3), round(high, 3)]
     # two seeds are not enough
     two = [r for r in runs if r["seed"] < 2]
     assert not evaluate_claim(two)["detectors"]["dino"]["checks"]["enough_seeds"]
