@@ -26,7 +26,7 @@ METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 KITTI_COLUMNS = {"KITTI Car (mod)": ("Car", "moderate"), "KITTI Ped (mod)": ("Pedestrian", "moderate"),
                  "KITTI Cyc (mod)": ("Cyclist", "moderate"), "KITTI mAP (mod)": ("mAP_moderate", None)}
 MAIN_ORDER = ["teacher", "student", "fitnet", "fgd", "mgd", "kd_detr", "detrdistill", "clockdistill"]
-ABLATION_ORDER = ["both", "lcmd_only", "tcld_only", "no_location_mask", "backbone_features", "paper_weights", "untuned",
+ABLATION_ORDER = ["both", "lcmd_only", "tcld_only", "no_location_mask", "backbone_features", "untuned",
                   *(f"{m}: untuned" for m in MAIN_ORDER[2:] if m != "clockdistill")]   # see ablation_variant
 DETECTOR_NAMES = {"dab_detr": "DAB-DETR", "deformable_detr": "Deformable DETR", "dino": "DINO"}
 DASH = "—"
