@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from reproduce.report.claim import BASELINES, confidence_interval, evaluate_claim
+from reproduce.report.claim import BASELINES, evaluate_claim
+from reproduce.report.paired import confidence_interval
 from reproduce.pipeline.experiments import ABLATIONS, UNTUNED, commands, plan
-from reproduce.report.tables import split_runs
+from reproduce.report.tables import ABLATION_ORDER, build_rows, split_runs
 
 PARAMS = {"profile": "mini", "seed": 0, "seeds": [0, 1, 2], "methods": list(BASELINES) + ["clockdistill"]}
 
@@ -131,3 +132,19 @@ def test_seeds_runs_the_student_and_every_method_by_default(capsys, tmp_path):
     for run in ["student", *BASELINES, "clockdistill"]:
         assert f"dino/{run}-s1" in out, out
     assert "teacher" not in out
+
+
+def test_ablation_rows_pair_each_variant_with_the_table2_run_it_varies():
+    runs = (_runs("dino", "student", [0.10, 0.11, 0.12]) + _runs("dino", "clockdistill", [0.13, 0.14, 0.15])
+            + _runs("dino", "fgd", [0.20, 0.22, 0.21]))
+    runs += [dict(r, ablation="lcmd_only", AP=r["AP"] - 0.02) for r in _runs("dino", "clockdistill", [0.13, 0.14])]
+    runs += [dict(r, ablation=UNTUNED, AP=r["AP"] - 0.05) for r in _runs("dino", "fgd", [0.20, 0.22, 0.21])]
+    main, ablation = split_runs(runs)
+    rows = {r["variant"]: r for r in build_rows(ablation, {}, ABLATION_ORDER, key="variant", students=main)}
+    assert rows["both"]["vs Table 2 run"] == "—" and rows["both"]["ΔAP"] == "+3.0"
+    # lcmd_only ran seeds 0 and 1 only: paired with CLoCKDistill (and the student) on those two
+    assert rows["lcmd_only"]["vs Table 2 run"] == "-2.0" and rows["lcmd_only"]["ΔAP"] == "+1.0"
+    # the untuned FGD row is compared with the tuned FGD run, not with CLoCKDistill
+    assert rows["fgd: untuned"]["vs Table 2 run"] == "-5.0"
+    (low, high), _ = confidence_interval({0: 15.0, 1: 17.0, 2: 16.0}, {0: 10.0, 1: 11.0, 2: 12.0})
+    assert rows["fgd: untuned"]["ΔAP 95% CI"] == f"[{low:+.1f}, {high:+.1f}]"

@@ -23,34 +23,14 @@ import statistics
 import sys
 from pathlib import Path
 
-from scipy import stats
-
 from reproduce.core.config import load_params, write_json
 from reproduce.core.outputs import refuse
-from reproduce.report.tables import delta_ap, load_runs
+from reproduce.report.paired import confidence_interval, delta_ap
+from reproduce.report.tables import load_runs
 
 MIN_GAIN = 2.0        # AP points (issue 5)
 MIN_SEEDS = 3
 BASELINES = ("fitnet", "fgd", "mgd", "kd_detr", "detrdistill")
-
-
-def confidence_interval(treated: dict[int, float], control: dict[int, float], level: float = 0.95):
-    """(low, high) of mean(treated) - mean(control), in the values' units; None below 2 seeds."""
-    common = sorted(set(treated) & set(control))
-    if len(common) == len(treated) == len(control) and len(common) >= 2:
-        diffs = [treated[s] - control[s] for s in common]
-        mean, sem, dof = statistics.fmean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5, len(diffs) - 1
-        kind = "paired t"
-    elif len(treated) >= 2 and len(control) >= 2:
-        a, b = list(treated.values()), list(control.values())
-        va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-        mean, sem = statistics.fmean(a) - statistics.fmean(b), (va + vb) ** 0.5
-        dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if va + vb > 0 else 1
-        kind = "Welch t"
-    else:
-        return None, "fewer than 2 seeds"
-    half = float(stats.t.ppf(0.5 + level / 2, dof)) * sem
-    return (mean - half, mean + half), kind
 
 
 def against_baseline(clock: dict[int, float], baseline: dict[int, float], method: str) -> dict:

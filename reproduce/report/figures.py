@@ -151,7 +151,8 @@ def plot_training_curves(profile: str, detector: str, runs: list[str], key: str 
 def gains_with_ci(results_dir: Path) -> list[dict]:
     """ΔAP of every method over the student of the same detector (AP points), mean over seeds
     and 95% CI, computed as the claim check computes it (reproduce.report.claim)."""
-    from reproduce.report.claim import ap_by_run, confidence_interval
+    from reproduce.report.claim import ap_by_run
+    from reproduce.report.paired import confidence_interval
     from reproduce.report.tables import load_runs
     by = ap_by_run(load_runs(results_dir))
     rows = []

@@ -2,7 +2,9 @@
 
 Reads every metrics JSON under ``results/<profile>/<detector>/`` (written by
 ``reproduce.evaluation.evaluate``), groups runs by (detector, method), and writes mean ± std over seeds
-with ΔAP over the no-distillation student (paired by seed), to ``results/tables/{table2,ablation}.{md,csv,tex}``,
+with ΔAP over the no-distillation student and its 95% interval (both paired by seed; the ablation
+table adds each variant's change against the Table 2 run it varies), to
+``results/tables/{table2,ablation}.{md,csv,tex}``,
 and the model zoo (one row per trained checkpoint, where its file lands) to ``model_zoo.*``.
 The "paper" column comes only from ``results/paper/reported.yaml`` (transcribed values).
 Files are replaced atomically; with no stored metrics at all it refuses in one line and leaves
@@ -19,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from reproduce.core.outputs import refuse, write_text_atomic
+from reproduce.report.paired import paired_gain
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 # KITTI's own AP (R40, Moderate) from reproduce.evaluation.evaluate's "kitti" entry, for KITTI-format data
@@ -77,16 +80,6 @@ def ablation_variant(run: dict) -> str:
     return f"{run['method']}: {run['ablation']}"
 
 
-def delta_ap(method: dict, student: dict) -> float:
-    """Mean AP gain over the student, paired by seed: over the seeds both have (a one-seed
-    baseline is compared with the student of that seed, not with the mean of all its seeds);
-    the difference of means when they share none."""
-    common = sorted(set(method) & set(student))
-    if common:
-        return statistics.fmean(method[s] - student[s] for s in common)
-    return statistics.fmean(method.values()) - statistics.fmean(student.values())
-
-
 def paper_cell(reported: dict, method: str) -> str:
     for claim in reported.get("claims", []):
         if claim.get("applies_to") == method:
@@ -102,10 +95,24 @@ def kitti_value(run: dict, cls: str, level: str | None) -> float | None:
     return float(entry) if isinstance(entry, (int, float)) else None
 
 
+def gain_cells(treated: dict[int, float], control: dict[int, float]) -> tuple[str, str]:
+    """(mean gain, its 95% interval) in AP x100, paired over the seeds both have; DASH for the
+    interval below 2 shared seeds."""
+    mean, ci, _ = paired_gain(treated, control)
+    return f"{mean * 100:+.1f}", DASH if ci is None else f"[{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]"
+
+
+def table2_run(variant: str) -> str:
+    """The Table 2 method an ablation row changes: CLoCKDistill for its own variants, the method
+    itself for ``<method>: untuned``."""
+    return variant.split(": ")[0] if ": " in variant else "clockdistill"
+
+
 def build_rows(runs: list[dict], reported: dict, order: list[str], key: str = "method",
                students: list[dict] | None = None) -> list[dict]:
-    """One row per (detector, ``key``); ΔAP is over the no-KD student runs (taken from
-    ``students`` when given, e.g. Table 2's runs for the ablation table)."""
+    """One row per (detector, ``key``); ΔAP and its 95% interval are over the no-KD student
+    runs, paired by seed (taken from ``students`` when given: Table 2's runs for the ablation
+    table, whose rows also get their change against the Table 2 run they vary, paired too)."""
     rows = []
     with_kitti = any(isinstance(r.get("kitti"), dict) for r in runs)
     for detector in [d for d in DETECTOR_NAMES if any(r["detector"] == d for r in runs)]:
@@ -123,10 +130,14 @@ def build_rows(runs: list[dict], reported: dict, order: list[str], key: str = "m
                 for column, (cls, level) in KITTI_COLUMNS.items():
                     values = [kitti_value(r, cls, level) for r in group]
                     row[column] = fmt([v for v in values if v is not None])
-            if student and name not in ("student", "teacher"):
-                row["ΔAP"] = f"{delta_ap({r['seed']: r['AP'] for r in group}, student) * 100:+.1f}"
-            else:
-                row["ΔAP"] = DASH
+            aps = {r["seed"]: r["AP"] for r in group}
+            row["ΔAP"], row["ΔAP 95% CI"] = (gain_cells(aps, student) if student and name not in ("student", "teacher")
+                                            else (DASH, DASH))
+            if key == "variant":
+                reference = {r["seed"]: r["AP"] for r in students or [] if r["detector"] == detector
+                             and r.get("method") == table2_run(name) and not r.get("ablation")}
+                row["vs Table 2 run"], row["vs Table 2 run 95% CI"] = (
+                    gain_cells(aps, reference) if reference and name != "both" else (DASH, DASH))
             row["paper ΔAP"] = paper_cell(reported, name) if key == "method" else DASH
             rows.append(row)
     return rows
