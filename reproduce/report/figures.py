@@ -3,7 +3,8 @@
 Reads trained runs (``runs/<profile>/<detector>/<run>/model.pth``, ``train_log.csv``) and
 stored metrics (``results/<profile>/``); never trains. The notebooks call the same functions.
 Writes ``results/figures/*.png``, each atomically and only when its inputs are all there: on a
-fresh clone (stored metrics, no ``runs/``) the gains figure is rendered, the committed training
+fresh clone (stored metrics, no ``runs/``) the gains figure (and the ablation figure, once
+``make ablations`` has stored its metrics) is rendered, the committed training
 curves are left as they are, and the command says so in one line and exits 1.
 """
 from __future__ import annotations
@@ -12,7 +13,6 @@ import argparse
 import csv
 import json
 import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -149,10 +149,10 @@ def plot_training_curves(profile: str, detector: str, runs: list[str], key: str 
 
 
 def gains_with_ci(results_dir: Path) -> list[dict]:
-    """ΔAP of every method over the student of the same detector (AP points), mean over seeds
-    and 95% CI, computed as the claim check computes it (reproduce.report.claim)."""
+    """ΔAP of every method over the student of the same detector (AP points) and its 95% CI,
+    paired by seed as Table 2 and the claim check pair them (reproduce.report.paired)."""
     from reproduce.report.claim import ap_by_run
-    from reproduce.report.paired import confidence_interval
+    from reproduce.report.paired import paired_gain
     from reproduce.report.tables import load_runs
     by = ap_by_run(load_runs(results_dir))
     rows = []
@@ -160,9 +160,8 @@ def gains_with_ci(results_dir: Path) -> list[dict]:
         student = by.get((detector, "student"))
         if method in ("student", "teacher") or not student:
             continue
-        ci, _ = confidence_interval(aps, student)
-        delta = statistics.fmean(aps.values()) - statistics.fmean(student.values())
-        rows.append({"detector": detector, "method": method, "n": len(aps), "delta": delta,
+        delta, ci, seeds = paired_gain(aps, student)
+        rows.append({"detector": detector, "method": method, "n": len(seeds), "delta": delta,
                      "ci_low": ci[0] if ci else math.nan, "ci_high": ci[1] if ci else math.nan})
     return rows
 
@@ -178,6 +177,57 @@ def plot_gains(rows: list[dict], path=None):
     ax.axvline(0, color="gray", lw=0.8)
     ax.set_yticks(list(y), labels, fontsize=7)
     ax.set_xlabel("ΔAP over the no-KD student (points, mean and 95% CI over seeds)")
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def ablation_changes(results_dir: Path) -> list[dict]:
+    """Each ablation variant's AP change (points) against the Table 2 run it varies, with its 95%
+    CI, paired by seed as the ablation table pairs it (reproduce.report.tables.table2_run)."""
+    from reproduce.report.claim import ap_by_run
+    from reproduce.report.paired import paired_gain
+    from reproduce.report.tables import ABLATION_ORDER, load_runs, split_runs, table2_run
+    main, ablation = split_runs(load_runs(results_dir))
+    table2 = ap_by_run(main)
+    groups: dict[tuple[str, str], dict[int, float]] = {}
+    for r in ablation:
+        if r["variant"] != "both":
+            groups.setdefault((r["detector"], r["variant"]), {})[int(r["seed"])] = 100.0 * r["AP"]
+    order = {v: i for i, v in enumerate(ABLATION_ORDER)}
+    rows = []
+    for (detector, variant), aps in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
+        reference = table2.get((detector, table2_run(variant)))
+        if not reference:
+            continue
+        delta, ci, seeds = paired_gain(aps, reference)
+        rows.append({"detector": detector, "variant": variant, "n": len(seeds), "delta": delta,
+                     "ci_low": ci[0] if ci else math.nan, "ci_high": ci[1] if ci else math.nan})
+    return rows
+
+
+def plot_ablation(rows: list[dict], path=None):
+    """One panel per detector: each variant's change against its Table 2 run, with its CI;
+    CLoCKDistill's own variants in red, the other methods at their untuned defaults in blue."""
+    detectors = list(dict.fromkeys(r["detector"] for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    fig, axes = plt.subplots(1, len(detectors), figsize=(3.6 * len(detectors), 0.32 * len(variants) + 1.4),
+                             sharey=True, squeeze=False)
+    for ax, detector in zip(axes[0], detectors):
+        by_variant = {r["variant"]: r for r in rows if r["detector"] == detector}
+        for i, variant in enumerate(variants):
+            r = by_variant.get(variant)
+            if r is None:
+                continue
+            ax.barh(i, r["delta"], color="C0" if ": untuned" in variant else "C3")
+            if not math.isnan(r["ci_low"]):
+                ax.plot([r["ci_low"], r["ci_high"]], [i, i], color="k", lw=1)
+        ax.axvline(0, color="gray", lw=0.8)
+        ax.set_title(detector, fontsize=9)
+        ax.set_xlabel("AP change vs the Table 2 run\n(points, paired mean and 95% CI)", fontsize=8)
+    axes[0][0].set_yticks(range(len(variants)), variants, fontsize=7)
+    axes[0][0].invert_yaxis()
     fig.tight_layout()
     if path:
         fig.savefig(path, dpi=120)
@@ -200,6 +250,11 @@ def render(profile: str, out: Path) -> tuple[list[Path], list[Path]]:
             plot_gains(rows, tmp)
     else:
         missing.append(Path("results") / profile / "<detector>" / "<run>-s<seed>.json")
+    ablation = ablation_changes(Path("results") / profile)
+    if ablation:     # only after `make ablations`: not a pipeline output, so never reported missing
+        written.append(out / f"ablation_{profile}.png")
+        with atomic_path(written[-1]) as tmp:
+            plot_ablation(ablation, tmp)
     for detector in DETECTORS:
         absent = [log for log in curve_logs(profile, detector) if not log.is_file()]
         if absent:       # a curve without one of its runs would replace a complete one
