@@ -152,7 +152,6 @@ def gains_with_ci(results_dir: Path) -> list[dict]:
     """ΔAP of every method over the student of the same detector (AP points) and its 95% CI,
     paired by seed as Table 2 and the claim check pair them (reproduce.report.paired)."""
     from reproduce.report.claim import ap_by_run
-    from reproduce.report.paired import paired_gain
     from reproduce.report.tables import load_runs
     by = ap_by_run(load_runs(results_dir))
     rows = []
@@ -160,10 +159,16 @@ def gains_with_ci(results_dir: Path) -> list[dict]:
         student = by.get((detector, "student"))
         if method in ("student", "teacher") or not student:
             continue
-        delta, ci, seeds = paired_gain(aps, student)
-        rows.append({"detector": detector, "method": method, "n": len(seeds), "delta": delta,
-                     "ci_low": ci[0] if ci else math.nan, "ci_high": ci[1] if ci else math.nan})
+        rows.append(gain_row(aps, student, detector=detector, method=method))
     return rows
+
+
+def gain_row(aps: dict[int, float], reference: dict[int, float], **labels) -> dict:
+    """``labels`` plus the paired gain of ``aps`` over ``reference``: n (shared seeds), delta, CI."""
+    from reproduce.report.paired import paired_gain
+    delta, ci, seeds = paired_gain(aps, reference)
+    return {**labels, "n": len(seeds), "delta": delta,
+            "ci_low": ci[0] if ci else math.nan, "ci_high": ci[1] if ci else math.nan}
 
 
 def plot_gains(rows: list[dict], path=None):
@@ -187,7 +192,6 @@ def ablation_changes(results_dir: Path) -> list[dict]:
     """Each ablation variant's AP change (points) against the Table 2 run it varies, with its 95%
     CI, paired by seed as the ablation table pairs it (reproduce.report.tables.table2_run)."""
     from reproduce.report.claim import ap_by_run
-    from reproduce.report.paired import paired_gain
     from reproduce.report.tables import ABLATION_ORDER, load_runs, split_runs, table2_run
     main, ablation = split_runs(load_runs(results_dir))
     table2 = ap_by_run(main)
@@ -201,9 +205,7 @@ def ablation_changes(results_dir: Path) -> list[dict]:
         reference = table2.get((detector, table2_run(variant)))
         if not reference:
             continue
-        delta, ci, seeds = paired_gain(aps, reference)
-        rows.append({"detector": detector, "variant": variant, "n": len(seeds), "delta": delta,
-                     "ci_low": ci[0] if ci else math.nan, "ci_high": ci[1] if ci else math.nan})
+        rows.append(gain_row(aps, reference, detector=detector, variant=variant))
     return rows
 
 
