@@ -18,7 +18,7 @@ help:
 	@echo "make repro      run the DVC pipeline (default profile: mini, CPU; JOBS=2 trainings at once)"
 	@echo "make test       run the default test suite"
 	@echo "make seeds      student + every KD method for the other seeds (after make repro)"
-	@echo "make ablations  CLoCKDistill ablation variants (after make repro)"
+	@echo "make ablations  CLoCKDistill ablation variants and the untuned methods, params ablation_seeds (after make repro)"
 	@echo "make table2     render results/tables/table2.{md,csv,tex} from stored metrics"
 	@echo "make notebooks  execute the analysis notebooks headless (papermill; needs the runs of make repro)"
 	@echo "make bench      speed/memory benchmarks -> results/bench/"

@@ -134,6 +134,18 @@ def test_seeds_runs_the_student_and_every_method_by_default(capsys, tmp_path):
     assert "teacher" not in out
 
 
+def test_ablations_run_params_ablation_seeds_by_default(capsys, tmp_path):
+    from reproduce.core.config import load_params
+    from reproduce.pipeline.experiments import main
+    assert main(["ablations", "--detectors", "dino", "--dry-run", "--results-root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    seeds = load_params("params.yaml")["ablation_seeds"]
+    assert len(seeds) >= 3
+    for seed in seeds:
+        assert f"dino/ablation-lcmd_only-s{seed}" in out, out
+    assert f"-s{max(seeds) + 1}" not in out
+
+
 def test_ablation_rows_pair_each_variant_with_the_table2_run_it_varies():
     runs = (_runs("dino", "student", [0.10, 0.11, 0.12]) + _runs("dino", "clockdistill", [0.13, 0.14, 0.15])
             + _runs("dino", "fgd", [0.20, 0.22, 0.21]))

@@ -10,8 +10,8 @@ the pipeline's, under ``results/<profile>/<detector>/``:
   row of Table 2 shows mean ± std over the same seeds;
 * ``ablations``: CLoCKDistill variants (L_lcmd only, L_tcld only, location mask off,
   backbone-feature distillation) and, for every method whose tuned ``kd_weight`` differs from
-  its code default, that method at its untuned default, for ``--seeds`` (default: the
-  pipeline's seed), tagged ``ablation`` in their metrics so ``reproduce.report.tables`` puts
+  its code default, that method at its untuned default, for ``--seeds`` (default:
+  ``params.yaml``'s ``ablation_seeds``), tagged ``ablation`` in their metrics so ``reproduce.report.tables`` puts
   them in the ablation table;
 * ``runs``: any list of runs and seeds, e.g. the pipeline's own runs two at a time;
 A run whose metrics file exists is skipped, and an interrupted training resumes from its
@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile")
     parser.add_argument("--detectors", help="comma-separated (default: params detectors)")
     parser.add_argument("--runs", help="comma-separated runs (seeds default: student and every method; ablations: all variants)")
-    parser.add_argument("--seeds", help="comma-separated (seeds: params seeds except seed; otherwise: params seed)")
+    parser.add_argument("--seeds", help="comma-separated (seeds: params seeds except seed; ablations: params "
+                        "ablation_seeds; runs: params seed)")
     parser.add_argument("--jobs", type=int, default=2, help="trainings at once (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per job (default: cores / jobs)")
     parser.add_argument("--runs-root", type=Path, default=Path("runs"))
@@ -177,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in args.seeds.split(",")]
     elif args.command == "seeds":
         seeds = [int(s) for s in params["seeds"] if int(s) != default_seed]
-    else:          # runs and ablations: the pipeline's seed unless --seeds says otherwise
+    elif args.command == "ablations":
+        seeds = [int(s) for s in params["ablation_seeds"]]
+    else:          # runs: the pipeline's seed unless --seeds says otherwise
         seeds = [default_seed]
     # seeds: every method, so each Table 2 row has the same seeds as the student it is paired with
     runs = args.runs.split(",") if args.runs else (["teacher", "student", *params["methods"]] if args.command == "runs"
