@@ -128,3 +128,25 @@ def test_claim_on_the_default_profile_is_as_reported(detector):
     assert sorted(k for k, ok in entry["checks"].items() if not ok) == MEASURED_FAILING_CHECKS[detector]
     assert (entry["delta_ap"] > 0) == MEASURED_GAIN_IS_POSITIVE[detector], entry["delta_ap"]
     assert entry["baselines_above_clockdistill"] == MEASURED_BASELINES_AHEAD[detector]
+
+
+# The ablations, as measured (README, "Ablations"): the variants whose paired 95% interval
+# against the Table 2 run they vary lies entirely above (+) or below (-) zero; every other
+# variant's interval includes zero. Each variant ran the seeds of params.yaml's ablation_seeds.
+MEASURED_ABLATION_EFFECTS = {
+    "dab_detr": {},
+    "deformable_detr": {"kd_detr: untuned": "-"},
+    "dino": {},
+}
+
+
+@needs_results
+@pytest.mark.parametrize("detector", sorted(MEASURED_ABLATION_EFFECTS))
+def test_ablations_on_the_default_profile_are_as_reported(detector):
+    from reproduce.core.config import load_params
+    from reproduce.report.figures import ablation_changes
+    rows = [r for r in ablation_changes(RESULTS / PROFILE) if r["detector"] == detector]
+    assert {r["variant"] for r in rows} == set(ABLATION_ORDER) - {"both", "detrdistill: untuned"}
+    assert {r["n"] for r in rows} == {len(load_params("params.yaml")["ablation_seeds"])}
+    effects = {r["variant"]: "+" if r["ci_low"] > 0 else "-" for r in rows if r["ci_low"] > 0 or r["ci_high"] < 0}
+    assert effects == MEASURED_ABLATION_EFFECTS[detector], rows
