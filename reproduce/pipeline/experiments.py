@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reproduce.core.config import load_params
+from reproduce.report.tables import UNTUNED
 from reproduce.training.runconfig import distill_options, method_defaults
 
 #: CLoCKDistill variants of the ablation table (distill.clockdistill overrides)
@@ -44,8 +45,6 @@ ABLATIONS: dict[str, dict[str, str]] = {
     "backbone_features": {"feature_source": "backbone"},
 }
 
-#: the ablation tag of a method run at its code defaults (the value the sweep replaced)
-UNTUNED = "untuned"
 
 
 def untuned_overrides(params: dict, profile: str) -> dict[str, list[str]]:

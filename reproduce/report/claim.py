@@ -29,9 +29,8 @@ from pathlib import Path
 
 from reproduce.core.config import load_params, write_json
 from reproduce.core.outputs import refuse
-from reproduce.pipeline.experiments import UNTUNED
 from reproduce.report.paired import confidence_interval, delta_ap
-from reproduce.report.tables import load_runs
+from reproduce.report.tables import UNTUNED, load_runs
 
 MIN_GAIN = 2.0        # AP points (issue 5)
 MIN_SEEDS = 3

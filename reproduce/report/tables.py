@@ -31,6 +31,9 @@ KITTI_COLUMNS = {"KITTI Car (mod)": ("Car", "moderate"), "KITTI Ped (mod)": ("Pe
 MAIN_ORDER = ["teacher", "student", "fitnet", "fgd", "mgd", "kd_detr", "detrdistill", "clockdistill"]
 ABLATION_ORDER = ["both", "lcmd_only", "tcld_only", "no_location_mask", "backbone_features", "untuned",
                   *(f"{m}: untuned" for m in MAIN_ORDER[2:] if m != "clockdistill")]   # see ablation_variant
+#: the ablation tag of a method run at its code defaults (the value the equal sweep replaced);
+#: reproduce.pipeline.experiments writes it, the ablation table and the claim check read it
+UNTUNED = "untuned"
 DETECTOR_NAMES = {"dab_detr": "DAB-DETR", "deformable_detr": "Deformable DETR", "dino": "DINO"}
 DASH = "—"
 
