@@ -163,14 +163,15 @@ def test_ablation_rows_pair_each_variant_with_the_table2_run_it_varies():
 
 
 def test_claim_at_paper_defaults_compares_untuned_runs():
-    from reproduce.report.claim import at_paper_defaults
+    from reproduce.report.claim import ap_by_run, at_paper_defaults
     runs = _runs("dino", "clockdistill", [0.13, 0.14, 0.15]) + _runs("dino", "fgd", [0.20, 0.22, 0.21])
     runs += _runs("dino", "mgd", [0.30, 0.30, 0.30])
     runs += [dict(r, ablation=UNTUNED) for r in _runs("dino", "clockdistill", [0.10, 0.12, 0.11])]
-    assert at_paper_defaults(runs, "dino")["mgd"]["clockdistill_minus_baseline"] == pytest.approx(-19.0)
+    assert at_paper_defaults(runs, ap_by_run(runs), "dino")["mgd"]["clockdistill_minus_baseline"] == pytest.approx(-19.0)
     runs += [dict(r, ablation=UNTUNED) for r in _runs("dino", "fgd", [0.15, 0.16, 0.17])]
-    result = at_paper_defaults(runs, "dino")
+    result = at_paper_defaults(runs, ap_by_run(runs), "dino")
     # FGD at its default (the untuned run), not the tuned Table 2 run; MGD never tuned: its Table 2 run
     assert result["fgd"]["clockdistill_minus_baseline"] == pytest.approx(-5.0)
     assert result["mgd"]["seeds"] == [0, 1, 2] and sorted(result) == ["fgd", "mgd"]
-    assert at_paper_defaults([r for r in runs if r["method"] != "clockdistill"], "dino") == {}
+    others = [r for r in runs if r["method"] != "clockdistill"]
+    assert at_paper_defaults(others, ap_by_run(others), "dino") == {}

@@ -46,7 +46,6 @@ ABLATIONS: dict[str, dict[str, str]] = {
 }
 
 
-
 def untuned_overrides(params: dict, profile: str) -> dict[str, list[str]]:
     """{method: overrides restoring its code-default ``kd_weight``} for every method whose
     resolved ``kd_weight`` (params + profile) was tuned away from it. A method still at its

@@ -27,6 +27,7 @@ from distill.location_mask import memory_masks  # noqa: E402
 from distill.target_queries import TargetQueryGenerator  # noqa: E402
 from reproduce.training.checkpoint import load_detector  # noqa: E402
 from reproduce.core.outputs import atomic_path, describe_missing, refuse  # noqa: E402
+from reproduce.report.paired import paired_gain  # noqa: E402
 
 MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
@@ -165,7 +166,6 @@ def gains_with_ci(results_dir: Path) -> list[dict]:
 
 def gain_row(aps: dict[int, float], reference: dict[int, float], **labels) -> dict:
     """``labels`` plus the paired gain of ``aps`` over ``reference``: n (shared seeds), delta, CI."""
-    from reproduce.report.paired import paired_gain
     delta, ci, seeds = paired_gain(aps, reference)
     return {**labels, "n": len(seeds), "delta": delta,
             "ci_low": ci[0] if ci else math.nan, "ci_high": ci[1] if ci else math.nan}
@@ -190,11 +190,9 @@ def plot_gains(rows: list[dict], path=None):
 
 def ablation_changes(results_dir: Path) -> list[dict]:
     """Each ablation variant's AP change (points) against the Table 2 run it varies, with its 95%
-    CI, paired by seed as the ablation table pairs it (reproduce.report.tables.table2_run)."""
-    from reproduce.report.claim import ap_by_run
-    from reproduce.report.tables import ABLATION_ORDER, load_runs, split_runs, table2_run
+    CI, paired by seed as the ablation table pairs it (reproduce.report.tables.table2_aps)."""
+    from reproduce.report.tables import ABLATION_ORDER, load_runs, split_runs, table2_aps
     main, ablation = split_runs(load_runs(results_dir))
-    table2 = ap_by_run(main)
     groups: dict[tuple[str, str], dict[int, float]] = {}
     for r in ablation:
         if r["variant"] != "both":
@@ -202,7 +200,7 @@ def ablation_changes(results_dir: Path) -> list[dict]:
     order = {v: i for i, v in enumerate(ABLATION_ORDER)}
     rows = []
     for (detector, variant), aps in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
-        reference = table2.get((detector, table2_run(variant)))
+        reference = {seed: 100.0 * ap for seed, ap in table2_aps(main, detector, variant).items()}
         if not reference:
             continue
         rows.append(gain_row(aps, reference, detector=detector, variant=variant))

@@ -105,10 +105,12 @@ def gain_cells(treated: dict[int, float], control: dict[int, float]) -> tuple[st
     return f"{mean * 100:+.1f}", DASH if ci is None else f"[{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]"
 
 
-def table2_run(variant: str) -> str:
-    """The Table 2 method an ablation row changes: CLoCKDistill for its own variants, the method
-    itself for ``<method>: untuned``."""
-    return variant.split(": ")[0] if ": " in variant else "clockdistill"
+def table2_aps(main_runs: list[dict], detector: str, variant: str) -> dict[int, float]:
+    """{seed: AP} of the Table 2 run an ablation row changes: CLoCKDistill for its own variants,
+    the method itself for ``<method>: untuned``."""
+    method = variant.split(": ")[0] if ": " in variant else "clockdistill"
+    return {r["seed"]: r["AP"] for r in main_runs
+            if r["detector"] == detector and r.get("method") == method and not r.get("ablation")}
 
 
 def build_rows(runs: list[dict], reported: dict, order: list[str], key: str = "method",
@@ -137,8 +139,7 @@ def build_rows(runs: list[dict], reported: dict, order: list[str], key: str = "m
             row["ΔAP"], row["ΔAP 95% CI"] = (gain_cells(aps, student) if student and name not in ("student", "teacher")
                                             else (DASH, DASH))
             if key == "variant":
-                reference = {r["seed"]: r["AP"] for r in students or [] if r["detector"] == detector
-                             and r.get("method") == table2_run(name) and not r.get("ablation")}
+                reference = table2_aps(students or [], detector, name)
                 row["vs Table 2 run"], row["vs Table 2 run 95% CI"] = (
                     gain_cells(aps, reference) if reference and name != "both" else (DASH, DASH))
             row["paper ΔAP"] = paper_cell(reported, name) if key == "method" else DASH
