@@ -62,3 +62,22 @@ def test_summary_is_written_after_each_probe(tmp_path, monkeypatch):
     record = json.loads((tmp_path / "results" / "t.json").read_text())
     assert [r["AP"] for r in record["runs"]] == [0.25] and record["split"] == "val"
     assert record["command"].startswith("python -m reproduce.tuning --name t")
+
+
+def test_gains_over_the_student_are_paired_by_seed():
+    """The record's gains pair each method with the student of its seed: a method that beats the
+    student by exactly 0.01 on every seed has gain 0.01 and a zero-width interval, although the
+    students' APs vary far more than that; a lone seed gives no interval; other groups stay apart."""
+    rows = [{"detector": "dino", "run": "student", "steps": 10, "seed": s, "AP": ap}
+            for s, ap in [(0, 0.1), (1, 0.3), (2, 0.2)]]
+    rows += [{"detector": "dino", "run": "mgd", "steps": 10, "seed": s, "AP": ap + 0.01}
+             for s, ap in [(0, 0.1), (1, 0.3), (2, 0.2)]]
+    rows += [{"detector": "dino", "run": "fgd", "steps": 10, "seed": 1, "AP": 0.25},
+             {"detector": "dino", "run": "fgd", "steps": 20, "seed": 0, "AP": 0.9}]
+    gains = {(g["run"], g["steps"]): g for g in tuning.gains_over_student(rows)}
+    assert set(gains) == {("mgd", 10), ("fgd", 10)}   # fgd at 20 steps has no student to pair with
+    mgd = gains[("mgd", 10)]
+    assert mgd["seeds"] == [0, 1, 2] and abs(mgd["delta_ap"] - 0.01) < 1e-12
+    assert abs(mgd["ci95"][0] - 0.01) < 1e-9 and abs(mgd["ci95"][1] - 0.01) < 1e-9
+    fgd = gains[("fgd", 10)]
+    assert fgd["seeds"] == [1] and abs(fgd["delta_ap"] + 0.05) < 1e-12 and fgd["ci95"] is None

@@ -5,6 +5,8 @@ split from runs this driver trains and evaluates with the pipeline's own two com
 is a grid of detectors x runs x steps x seeds x sweep values, all under the same ``-S``
 overrides; its metrics, the wall time of each run and the command line that made it go to
 ``results/tuning/<NAME>.json``, so each number in params.yaml's comments can be re-made.
+Where a probe trains KD methods beside the student, the record also gives each method's
+seed-paired gain over the student (``gains_over_student``), the same statistic as Table 2.
 Runs whose metrics exist are skipped, so an interrupted probe continues where it stopped.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reproduce.core.config import load_params
+from reproduce.report.paired import paired_gain
 
 
 @dataclass
@@ -91,6 +94,25 @@ def summary_row(probe: Probe, metrics: Path, wall_s: float | None) -> dict:
     if wall_s is not None:
         row["wall_s"] = round(wall_s, 1)
     return row
+
+
+def gains_over_student(rows: list[dict]) -> list[dict]:
+    """Each KD method's val AP gain over the student of the same detector, steps and sweep
+    point, paired by seed (mean and 95% t-interval over the shared seeds; None below 2)."""
+    groups: dict[tuple, dict[str, dict[int, float]]] = {}
+    for r in rows:
+        key = (r["detector"], r["steps"], json.dumps(r.get("sweep"), sort_keys=True))
+        groups.setdefault(key, {}).setdefault(r["run"], {})[r["seed"]] = r["AP"]
+    gains = []
+    for (detector, steps, sweep), by_run in groups.items():
+        student = by_run.get("student")
+        for run, aps in by_run.items():
+            if run in ("student", "teacher") or not student or not set(aps) & set(student):
+                continue
+            gain, ci, seeds = paired_gain(aps, student)
+            gains.append({"detector": detector, "run": run, "steps": steps, "sweep": json.loads(sweep),
+                          "seeds": seeds, "delta_ap": gain, "ci95": list(ci) if ci else None})
+    return gains
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         args.results_root.mkdir(parents=True, exist_ok=True)
         record = {"what": args.what, "split": args.split, "profile": profile, "command": command,
                   "machine": machine, "runs": rows}
+        if gains := gains_over_student(rows):
+            record["gains_over_student"] = gains
         tmp = out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(record, indent=1) + "\n")
         tmp.replace(out)
@@ -193,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = write_record()
     for r in rows:
         print(f"{r['tag']:60s} AP {r['AP']:.4f} AP50 {r['AP50']:.4f}")
+    for g in gains_over_student(rows):
+        ci = "n/a" if g["ci95"] is None else "[{:+.4f}, {:+.4f}]".format(*g["ci95"])
+        print(f"{g['detector']} {g['run']} ({g['steps'] or 'default'} steps, seeds {g['seeds']}): "
+              f"{g['delta_ap']:+.4f} over the student, 95% CI {ci}")
     print(f"wrote {out}")
     return 1 if failed else 0
 
