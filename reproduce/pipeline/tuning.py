@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.jobs} jobs x {threads} threads"
     command = "python -m reproduce.tuning " + shlex.join(argv if argv is not None else sys.argv[1:])
 
-    def write_record() -> list[dict]:
+    def write_record() -> dict:
         """The summary of every finished probe, rewritten after each one: an interrupted
         probe keeps what it measured."""
         rows = [{"tag": p.tag, **summary_row(p, metrics_of[p.tag], walls.get(p.tag))}
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(record, indent=1) + "\n")
         tmp.replace(out)
-        return rows
+        return record
 
     def work_and_record(probe: Probe) -> None:
         work(probe)
@@ -214,10 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         list(pool.map(work_and_record, todo))
     if args.dry_run:
         return 0
-    rows = write_record()
-    for r in rows:
+    record = write_record()
+    for r in record["runs"]:
         print(f"{r['tag']:60s} AP {r['AP']:.4f} AP50 {r['AP50']:.4f}")
-    for g in gains_over_student(rows):
+    for g in record.get("gains_over_student", []):
         ci = "n/a" if g["ci95"] is None else "[{:+.4f}, {:+.4f}]".format(*g["ci95"])
         print(f"{g['detector']} {g['run']} ({g['steps'] or 'default'} steps, seeds {g['seeds']}): "
               f"{g['delta_ap']:+.4f} over the student, 95% CI {ci}")
