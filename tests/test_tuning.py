@@ -81,3 +81,19 @@ def test_gains_over_the_student_are_paired_by_seed():
     assert abs(mgd["ci95"][0] - 0.01) < 1e-9 and abs(mgd["ci95"][1] - 0.01) < 1e-9
     fgd = gains[("fgd", 10)]
     assert fgd["seeds"] == [1] and abs(fgd["delta_ap"] + 0.05) < 1e-12 and fgd["ci95"] is None
+
+
+def _row(run, value, ap, seed=0):
+    return {"run": run, "seed": seed, "AP": ap, "sweep": {f"distill.{run}.kd_weight": str(value)}}
+
+
+def test_best_sweep_value_is_the_best_mean_and_a_tie_goes_to_the_paper_default():
+    rows = [_row("fgd", 0.3, 0.10), _row("fgd", 1, 0.12), _row("fgd", 3, 0.13), _row("fgd", 3, 0.15, seed=1),
+            _row("fgd", 1, 0.12, seed=1),
+            # 0.1 beats 0.3 by 0.01 AP x100, below the tables' precision: a tie, and 0.3 is nearer 1
+            _row("mgd", 0.1, 0.10824), _row("mgd", 0.3, 0.10813), _row("mgd", 1, 0.104),
+            _row("fitnet", 0.3, 0.1104), _row("fitnet", 1, 0.1101), _row("fitnet", 3, 0.1102)]
+    assert tuning.best_sweep_values(rows, "kd_weight", default=1.0) == {"fgd": 3.0, "mgd": 0.3, "fitnet": 1.0}
+    # a clear gain does move it, and other sweep keys are ignored
+    rows += [_row("mgd", 0.1, 0.1200, seed=1), {"run": "mgd", "seed": 0, "AP": 0.9, "sweep": {"train.lr": "1e-3"}}]
+    assert tuning.best_sweep_values(rows, "kd_weight", default=1.0)["mgd"] == 0.1
