@@ -71,7 +71,10 @@ def test_every_detector_has_a_stored_trajectory():
 # --- stored pipeline results: tables and claim agree with the stored metrics -----------------
 from pathlib import Path  # noqa: E402
 
+from reproduce.core.config import load_params  # noqa: E402
+from reproduce.pipeline.tuning import best_sweep_values, gains_over_student  # noqa: E402
 from reproduce.report.claim import evaluate_claim  # noqa: E402
+from reproduce.report.paired import paired_gain  # noqa: E402
 from reproduce.report.tables import ABLATION_ORDER, MAIN_ORDER, build_rows, load_runs, split_runs, to_csv  # noqa: E402
 
 RESULTS = Path("results")
@@ -143,7 +146,6 @@ MEASURED_ABLATION_EFFECTS = {
 @needs_results
 @pytest.mark.parametrize("detector", sorted(MEASURED_ABLATION_EFFECTS))
 def test_ablations_on_the_default_profile_are_as_reported(detector):
-    from reproduce.core.config import load_params
     from reproduce.report.figures import ablation_changes
     rows = [r for r in ablation_changes(RESULTS / PROFILE) if r["detector"] == detector]
     assert {r["variant"] for r in rows} == set(ABLATION_ORDER) - {"both", "detrdistill: untuned"}
@@ -156,9 +158,6 @@ def test_ablations_on_the_default_profile_are_as_reported(detector):
 # CLoCKDistill's interval over the student includes 0, MGD's is above 0, and CLoCKDistill
 # trails MGD with an interval below 0. Recomputed from the probe's per-run APs.
 def test_dab_detr_2000_step_probe_is_as_reported():
-    import json
-    from reproduce.pipeline.tuning import gains_over_student
-    from reproduce.report.paired import paired_gain
     record = json.loads((RESULTS / "tuning" / "dab_detr_2000_regime.json").read_text())
     assert record["split"] == "val" and {r["steps"] for r in record["runs"]} == {2000}
     assert record["gains_over_student"] == gains_over_student(record["runs"])
@@ -181,8 +180,6 @@ def _sweep_rows(*names):
 # The mini profile's kd_weight of every method is the best of the first equal sweep (0.3 / 1 / 3)
 # under the rule of best_sweep_values; Table 2 and the ablations ran at these weights.
 def test_mini_kd_weights_are_the_best_of_the_equal_val_sweep():
-    from reproduce.core.config import load_params
-    from reproduce.pipeline.tuning import best_sweep_values
     chosen = best_sweep_values(_sweep_rows("kd_weight"), "kd_weight", default=1.0)
     profile = load_params("params.yaml")["profiles"]["mini"]["distill"]
     assert chosen == {method: profile[method]["kd_weight"] for method in chosen}
@@ -196,6 +193,5 @@ MEASURED_EXTENDED_BEST = {"fitnet": 30.0, "fgd": 10.0, "mgd": 0.3, "kd_detr": 3.
 
 
 def test_extended_val_sweep_is_as_reported():
-    from reproduce.pipeline.tuning import best_sweep_values
     rows = _sweep_rows("kd_weight", "kd_weight_extended_low", "kd_weight_extended_high", "kd_weight_extended_high2")
     assert best_sweep_values(rows, "kd_weight", default=1.0) == MEASURED_EXTENDED_BEST
